@@ -1,0 +1,17 @@
+"""Evaluation: verification pairs (insightface protocol), IJB-B/C 1:1, export, loading."""
+
+from x2jax.evaluation.verification import (
+    VerificationResult,
+    embed_images,
+    pair_distances,
+    verification_accuracy,
+    verification_from_distances,
+)
+
+__all__ = [
+    "VerificationResult",
+    "embed_images",
+    "pair_distances",
+    "verification_accuracy",
+    "verification_from_distances",
+]
