@@ -1,0 +1,183 @@
+"""Building blocks shared by the backbones: one conv function, Conv, BatchNorm, PReLU.
+
+Every convolution in ``x2jax.models`` goes through :func:`conv2d`, so a faster
+implementation (for example one whose weight gradient is an im2col matmul, see
+FACTS.md on XLA:CPU) can be swapped in by name through the ``conv_impl``
+attribute of the modules, without touching the networks.
+
+Layout is NHWC activations and HWIO kernels. Parameters are float32; the
+computation runs in the module's ``dtype`` (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Padding = int | Sequence[tuple[int, int]]
+ConvFn = Callable[..., jax.Array]
+
+# PyTorch BatchNorm defaults (insightface keeps them): eps 1e-5 and running
+# statistics updated as new = (1 - 0.1) * old + 0.1 * batch.
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # Flax convention: weight of the old value (torch momentum 0.1).
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _explicit_padding(padding: Padding) -> list[tuple[int, int]]:
+    if isinstance(padding, int):
+        return [(padding, padding), (padding, padding)]
+    pads = [tuple(int(p) for p in pair) for pair in padding]
+    if len(pads) != 2 or any(len(p) != 2 for p in pads):
+        raise ValueError(f"padding must be an int or two (low, high) pairs, got {padding!r}")
+    return pads  # type: ignore[return-value]
+
+
+def _conv2d_xla(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
+                padding: list[tuple[int, int]], groups: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=strides, padding=padding,
+        dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups)
+
+
+CONV_IMPLS: dict[str, ConvFn] = {"xla": _conv2d_xla}
+"""Registered conv implementations: name -> fn(x, kernel, *, strides, padding, groups).
+
+Add one with :func:`register_conv_impl`; select it with ``conv_impl=<name>``.
+"""
+
+
+def register_conv_impl(name: str, fn: ConvFn) -> None:
+    """Makes ``fn`` selectable as ``conv_impl=name`` (same signature as the XLA one)."""
+    CONV_IMPLS[name] = fn
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int | tuple[int, int] = 1,
+           padding: Padding = 0, groups: int = 1, impl: str = "xla") -> jax.Array:
+    """2-D cross-correlation, as ``torch.nn.functional.conv2d`` but channels-last.
+
+    ``y[b, i, j, o] = sum_{u, v, c} x_pad[b, i*s + u, j*s + v, g(o)*Cg + c] * kernel[u, v, c, o]``
+    where ``g(o)`` is the group of output channel ``o`` and ``Cg = C / groups``.
+
+    Args:
+      x: (B, H, W, C) activations.
+      kernel: (KH, KW, C // groups, O) weights (HWIO; torch OIHW transposed (2, 3, 1, 0)).
+      strides: int or (sh, sw).
+      padding: int (symmetric, as torch) or ((top, bottom), (left, right)).
+      groups: feature groups (C and O must be divisible by it).
+      impl: name in :data:`CONV_IMPLS`.
+    Returns:
+      (B, H', W', O) in the dtype of ``x`` (the kernel is cast to it).
+    """
+    if x.ndim != 4 or kernel.ndim != 4:
+        raise ValueError(f"conv2d expects x (B, H, W, C) and kernel (KH, KW, I, O); "
+                         f"got x {x.shape} and kernel {kernel.shape}")
+    if x.shape[-1] != kernel.shape[2] * groups:
+        raise ValueError(f"conv2d: x has {x.shape[-1]} channels but kernel {kernel.shape} "
+                         f"with groups={groups} expects {kernel.shape[2] * groups}")
+    try:
+        fn = CONV_IMPLS[impl]
+    except KeyError:
+        raise ValueError(f"unknown conv impl {impl!r}; registered: {sorted(CONV_IMPLS)}") from None
+    if isinstance(strides, int):
+        strides = (strides, strides)
+    return fn(x, kernel.astype(x.dtype), strides=tuple(strides),
+              padding=_explicit_padding(padding), groups=groups)
+
+
+class Conv(nn.Module):
+    """Bias-free 2-D convolution through :func:`conv2d` (param ``kernel`` HWIO, float32)."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: int = 0
+    groups: int = 1
+    conv_impl: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.1)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        if in_features % self.groups or self.features % self.groups:
+            raise ValueError(f"Conv {self.name}: channels in={in_features}, out={self.features} "
+                             f"must be divisible by groups={self.groups}")
+        kernel = self.param(
+            "kernel", self.kernel_init,
+            (self.kernel_size, self.kernel_size, in_features // self.groups, self.features),
+            jnp.float32)
+        return conv2d(x.astype(self.dtype), kernel, strides=self.strides,
+                      padding=self.padding, groups=self.groups, impl=self.conv_impl)
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation over all axes but the last, exactly as torch's BatchNorm{1,2}d.
+
+    ``y = (x - mu) / sqrt(var + eps) * scale + bias``. In training ``mu, var`` are the
+    batch mean and biased variance (two-pass, float32) and the running statistics
+    are updated with torch's rule: ``mean <- m * mean + (1 - m) * mu``,
+    ``var <- m * var + (1 - m) * var_batch * n / (n - 1)`` (unbiased, n = elements per
+    channel), with m = 0.9. In evaluation the running statistics are used.
+    (Flax's ``nn.BatchNorm`` stores the biased variance, which differs from torch
+    by n / (n - 1): 1 % at a BatchNorm1d batch of 100.)
+
+    Variables: params ``scale`` (if ``use_scale``), ``bias``; batch_stats ``mean``, ``var``.
+    Statistics and normalisation are computed in float32; the output is cast to ``dtype``.
+    """
+
+    use_running_average: bool | None = None
+    use_scale: bool = True
+    epsilon: float = BN_EPSILON
+    momentum: float = BN_MOMENTUM
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average)
+        features = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        scale = (self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+                 if self.use_scale else None)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+
+        x32 = x.astype(jnp.float32)
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            n = x.size // features
+            if n < 2:
+                raise ValueError(f"BatchNorm {self.name}: training needs more than one value "
+                                 f"per channel, got input {x.shape} (as torch)")
+            if not self.is_initializing():
+                unbiased = var * (n / (n - 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        multiplier = jax.lax.rsqrt(var + self.epsilon)
+        if scale is not None:
+            multiplier = multiplier * scale
+        y = (x32 - mean) * multiplier + bias
+        return y.astype(self.dtype)
+
+
+class PReLU(nn.Module):
+    """Per-channel PReLU as torch ``nn.PReLU(C)``: ``y = x if x >= 0 else a_c * x``, a_c init 0.25."""
+
+    dtype: jnp.dtype = jnp.float32
+    init_value: float = 0.25
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        slope = self.param("negative_slope", nn.initializers.constant(self.init_value),
+                           (x.shape[-1],), jnp.float32)
+        x = x.astype(self.dtype)
+        return jnp.where(x >= 0, x, slope.astype(self.dtype) * x)
