@@ -122,10 +122,12 @@ def test_adaface_value_and_state_update():
 
 def test_curricularface_state_update():
     cos, labels = _cosines(2)
-    t = L.curricularface_update(jnp.float32(0.2), jnp.asarray(cos), jnp.asarray(labels))
     cy = cos[np.arange(B), labels].astype(np.float64)
+    t = L.curricularface_update(jnp.float32(0.2), jnp.asarray(cy, jnp.float32))
     np.testing.assert_allclose(float(t), 0.01 * cy.mean() + 0.99 * 0.2, rtol=1e-6)
-    state = L.update_state("curricularface", L.initial_state("curricularface"), jnp.asarray(cos), jnp.asarray(labels), None)
+    state = L.update_state(
+        "curricularface", L.initial_state("curricularface"), target_cosine=jnp.asarray(cy, jnp.float32), norms=None
+    )
     np.testing.assert_allclose(float(state["t"]), 0.01 * cy.mean(), rtol=1e-6)
     assert L.initial_state("x2_softmax") == {}
 

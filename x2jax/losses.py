@@ -373,9 +373,9 @@ def curricularface(
     return _replace_target(cosine, target_mask, target, scale)
 
 
-def curricularface_update(t: Array, cosine: Array, labels: Array, *, momentum: float = 0.01) -> Array:
-    """``t <- momentum * mean(cos_y) + (1 - momentum) * t`` (official: 0.01)."""
-    _, _, cos_y = _prepare(cosine, labels)
+def curricularface_update(t: Array, target_cosine: Array, *, momentum: float = 0.01) -> Array:
+    """``t <- momentum * mean(cos_y) + (1 - momentum) * t`` (official: 0.01); cos_y (B,)."""
+    cos_y = clip_cosine(target_cosine.astype(jnp.float32))
     return jax.lax.stop_gradient(momentum * jnp.mean(cos_y) + (1.0 - momentum) * t)
 
 
@@ -485,11 +485,14 @@ def initial_state(name: str) -> dict[str, Array]:
 
 
 def update_state(
-    name: str, state: dict[str, Array], cosine: Array, labels: Array, norms: Array
+    name: str, state: dict[str, Array], *, target_cosine: Array, norms: Array
 ) -> dict[str, Array]:
-    """Advance the loss state after a step (official EMA rules); identity if stateless."""
+    """Advance the loss state after a step (official EMA rules); identity if stateless.
+
+    target_cosine: (B,) ``cos_y`` of the batch; norms: (B,) embedding norms.
+    """
     if name == "curricularface":
-        return {"t": curricularface_update(state["t"], cosine, labels)}
+        return {"t": curricularface_update(state["t"], target_cosine)}
     if name == "adaface":
         mean, std = adaface_update(state["batch_mean"], state["batch_std"], norms)
         return {"batch_mean": mean, "batch_std": std}
