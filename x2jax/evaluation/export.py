@@ -1,0 +1,71 @@
+"""Deployment export of the embedding function with ``jax.export`` (StableHLO).
+
+The exported function is the model contract: float32 images (B, S, S, 3)
+normalised as ``(x / 255 - 0.5) / 0.5`` -> float32 embeddings (B, E), not
+flip-summed, not normalised. The batch dimension is symbolic (any B works).
+
+* ``bake_variables=True`` (default): the weights are constants inside the
+  serialised module; the file alone is the model: ``fn(images)``.
+* ``bake_variables=False``: the weights are the first argument,
+  ``fn(variables, images)``, so one small file serves any weights of that
+  architecture (e.g. those read by :func:`x2jax.models.load_model`).
+
+The file is ``Exported.serialize()`` as is; it can be called from any JAX of the
+same or a newer version (StableHLO compatibility window, about 6 months) on
+the platforms it was lowered for (``platforms``, default: the current backend).
+ONNX export is not provided: no JAX-to-ONNX converter is installed here and
+the TF route (jax2tf + tf2onnx) needs TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import export as jax_export
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def export_embedding(
+    apply_fn: ApplyFn,
+    variables: Any,
+    *,
+    image_size: int,
+    bake_variables: bool = True,
+    platforms: Sequence[str] | None = None,
+) -> jax_export.Exported:
+    """Lower ``apply_fn(variables, images)`` for images (b, S, S, 3) float32, b symbolic."""
+    (batch,) = jax_export.symbolic_shape("b")
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    if bake_variables:
+        fn = jax.jit(lambda x: apply_fn(variables, x))
+        args = (images,)
+    else:
+        fn = jax.jit(apply_fn)
+        args = (jax.tree.map(lambda v: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)), variables), images)
+    return jax_export.export(fn, platforms=platforms)(*args)
+
+
+def save_exported(path: str | os.PathLike, exported: jax_export.Exported) -> str:
+    """Write the serialised function to ``path`` (parent directories created)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+    return path
+
+
+def load_exported(path: str | os.PathLike) -> jax_export.Exported:
+    """Read a file written by :func:`save_exported`; call it with ``.call(...)``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported model not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return jax_export.deserialize(bytearray(data))
+    except Exception as e:  # flatbuffer errors are cryptic: say which file
+        raise ValueError(f"{path} is not a jax.export serialisation ({type(e).__name__}: {e})") from e
