@@ -153,14 +153,18 @@ def test_init_class_centers(mesh):
 
 def test_sample_rate_one_is_the_full_head_and_full_sample_is_identical(mesh):
     e, w, y = _data(64, seed=7)
-    full = sharded_margin_loss(e, w, y, margin_fn=losses.x2_softmax, mesh=mesh)
-    rate_one = sharded_margin_loss(e, w, y, margin_fn=losses.x2_softmax, mesh=mesh,
-                                   sample_rate=1.0, rng=jax.random.key(1))
+    def head(rate):
+        return jax.jit(lambda e, w, y, key: sharded_margin_loss(
+            e, w, y, margin_fn=losses.x2_softmax, mesh=mesh, sample_rate=rate, rng=key,
+            return_aux=True))(e, w, y, jax.random.key(1))
+
+    full = jax.jit(lambda e, w, y: sharded_margin_loss(
+        e, w, y, margin_fn=losses.x2_softmax, mesh=mesh))(e, w, y)
+    rate_one, _ = head(1.0)
     assert float(full) == float(rate_one)
     # The sampling code path with a sample as large as the shard (ceil(0.95 * 8) = 8).
     assert num_sampled_per_shard(8, 0.95) == 8
-    sampled, aux = sharded_margin_loss(e, w, y, margin_fn=losses.x2_softmax, mesh=mesh,
-                                       sample_rate=0.95, rng=jax.random.key(1), return_aux=True)
+    sampled, aux = head(0.95)
     assert np.asarray(aux.sampled).all()
     np.testing.assert_allclose(sampled, full, rtol=1e-6)
 
@@ -215,9 +219,9 @@ def test_partial_fc_keeps_positives_and_leaves_unsampled_rows_untouched(mesh):
 def test_partial_fc_gradient_only_on_sampled_rows(mesh):
     num_classes = 800
     e, w, y = _data(num_classes, seed=12)
-    (loss, aux), gw = jax.value_and_grad(
+    (loss, aux), gw = jax.jit(jax.value_and_grad(
         lambda w: sharded_margin_loss(e, w, y, margin_fn="arcface", mesh=mesh, sample_rate=0.1,
-                                      rng=jax.random.key(5), return_aux=True), has_aux=True)(w)
+                                      rng=jax.random.key(5), return_aux=True), has_aux=True))(w)
     gw, mask = np.asarray(gw), np.asarray(aux.row_mask)
     np.testing.assert_array_equal(gw[~mask], 0.0)
     assert (np.abs(gw[mask]).max(axis=1) > 0).all()
@@ -227,10 +231,10 @@ def test_partial_fc_overflow_keeps_exact_targets(mesh):
     num_classes = 80  # 10 rows per shard, sample of 1
     e, w, _ = _data(num_classes, seed=13)
     y = np.array([0, 1, 2, 3, 4, 0, 1, 2] + [40] * 8, np.int32)  # 5 positives on shard 0
-    (loss, aux), gw = jax.value_and_grad(
+    (loss, aux), gw = jax.jit(jax.value_and_grad(
         lambda w: sharded_margin_loss(e, w, y, margin_fn=losses.x2_softmax, mesh=mesh,
                                       sample_rate=0.1, rng=jax.random.key(0), return_aux=True),
-        has_aux=True)(w)
+        has_aux=True))(w)
     sampled, mask = np.asarray(aux.sampled), np.asarray(aux.row_mask)
     assert int(aux.num_overflow) == 4
     np.testing.assert_array_equal(sampled.reshape(8, 10).sum(1), 1)

@@ -1,0 +1,73 @@
+"""Two local processes (jax.distributed on 127.0.0.1, 4 CPU devices each) train the
+sharded head one step and match the single-process 8-device run."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from x2jax import losses
+from x2jax.parallel import make_mesh
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+REPO = WORKER.parent.parent
+TIMEOUT_S = 150
+
+
+def _worker_module():
+    spec = importlib.util.spec_from_file_location("multihost_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_match_single_process(tmp_path):
+    worker = _worker_module()
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    outs = [tmp_path / f"proc{i}.npz" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), "2", str(outs[i])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"multi-process step did not finish in {TIMEOUT_S} s")
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+
+    # Single process, 8 devices, same global batch and the same code.
+    assert jax.device_count() == 8
+    e, w, y = worker.global_problem()
+    loss, w_new, e_new = worker.run_step(make_mesh(), e, w, y)
+    ref_loss = losses.margin_loss(e, w, y, losses.x2_softmax)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)  # and both equal the plain head
+
+    for out in outs:
+        got = np.load(out)
+        assert int(got["process_count"]) == 2
+        assert int(got["local_rows"]) == w_new.shape[0] // 2  # each process holds half of W
+        np.testing.assert_allclose(got["loss"], loss, rtol=1e-6)
+        np.testing.assert_allclose(got["w"], w_new, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["e"], e_new, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(w_new)[: w.shape[0]], w)  # the step moved W

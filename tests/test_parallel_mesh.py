@@ -1,0 +1,103 @@
+"""Mesh, sharding rules, optimizer-state shardings, host-local batches, distributed init."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from x2jax.parallel import (
+    DEFAULT_RULES, ShardingRules, batch_sharding, class_centers_sharding, fsdp_spec,
+    host_local_to_global, initialize_distributed, make_mesh, make_mesh_from_config,
+    num_class_shards, opt_state_shardings, param_shardings)
+from x2jax.parallel import mesh as mesh_lib
+
+
+def test_make_mesh_shapes_and_auto_axes():
+    m = make_mesh()
+    assert dict(m.shape) == {"data": 8, "model": 1}
+    assert m.axis_types == (AxisType.Auto, AxisType.Auto)
+    assert dict(make_mesh(model=2).shape) == {"data": 4, "model": 2}
+    assert dict(make_mesh(data=2, model=4).shape) == {"data": 2, "model": 4}
+    cfg = ml_collections.ConfigDict({"data": -1, "model": 4})
+    assert dict(make_mesh_from_config(cfg).shape) == {"data": 2, "model": 4}
+    assert dict(make_mesh_from_config({"model": 8}).shape) == {"data": 1, "model": 8}
+    with pytest.raises(ValueError, match="3 devices|not divisible"):
+        make_mesh(model=3)
+    with pytest.raises(ValueError, match="does not match"):
+        make_mesh(data=3, model=2)
+
+
+def test_rules_map_logical_axes_in_one_place():
+    assert DEFAULT_RULES.spec("batch", None) == P(("data",), None)
+    assert DEFAULT_RULES.spec("classes", "embed") == P(("data", "model"), None)
+    rules = ShardingRules(classes=("model",))
+    m = make_mesh(data=2, model=4)
+    assert num_class_shards(m) == 8 and num_class_shards(m, rules) == 4
+    assert class_centers_sharding(m, rules).spec == P(("model",), None)
+    with pytest.raises(ValueError, match="unknown logical axis 'heads'"):
+        DEFAULT_RULES.spec("heads")
+
+
+def test_fsdp_splits_largest_divisible_dim():
+    assert fsdp_spec((3, 3, 64, 128), 8, ("data",)) == P(None, None, None, ("data",))
+    assert fsdp_spec((25088, 512), 8, ("data",)) == P(("data",), None)
+    assert fsdp_spec((25089, 512), 8, ("data",)) == P(None, ("data",))
+    assert fsdp_spec((7, 3001), 8, ("data",), min_size=1) == P()  # nothing divisible
+    assert fsdp_spec((64,), 8, ("data",)) == P()  # small: replicated
+    m = make_mesh()
+    params = {"conv": jnp.zeros((3, 3, 64, 128)), "bn": jnp.zeros((128,))}
+    sh = param_shardings(params, m, strategy="fsdp")
+    placed = jax.device_put(params, sh)
+    assert {s.data.shape for s in placed["conv"].addressable_shards} == {(3, 3, 64, 16)}
+    assert placed["bn"].sharding.is_fully_replicated
+    rep = param_shardings(params, m)
+    assert all(s.spec == P() for s in jax.tree.leaves(rep))
+    with pytest.raises(ValueError, match="strategy"):
+        param_shardings(params, m, strategy="zero3")
+
+
+def test_optimizer_state_shardings_follow_params():
+    m = make_mesh()
+    params = {"w": jnp.zeros((64, 16)), "b": jnp.zeros((16,))}
+    shardings = {"w": class_centers_sharding(m), "b": NamedSharding(m, P())}
+    tx = optax.adamw(1e-3)
+    state = jax.eval_shape(tx.init, params)
+    st_sh = opt_state_shardings(tx, state, shardings, m)
+    adam = st_sh[0]
+    assert adam.mu["w"] == shardings["w"] and adam.nu["w"] == shardings["w"]
+    assert adam.mu["b"] == shardings["b"] and adam.count.spec == P()
+    # Used as out_shardings the state lands split like the params.
+    real = jax.jit(tx.init, out_shardings=st_sh)(params)
+    assert {s.data.shape for s in real[0].mu["w"].addressable_shards} == {(8, 16)}
+
+
+def test_host_local_to_global_single_process():
+    m = make_mesh()
+    batch = {"image": np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
+             "label": np.arange(16, dtype=np.int32)}
+    g = host_local_to_global(batch, m)
+    assert g["image"].sharding == batch_sharding(m)
+    np.testing.assert_array_equal(g["image"], batch["image"])
+    assert [s.data.shape for s in g["label"].addressable_shards] == [(2,)] * 8
+    # Shard i holds rows 2i, 2i+1 (the batch is split in order).
+    for s in g["label"].addressable_shards:
+        np.testing.assert_array_equal(s.data, batch["label"][s.index])
+
+
+def test_initialize_distributed_single_process_is_noop_and_bad_settings_raise(monkeypatch):
+    for var in (mesh_lib.ENV_COORDINATOR, mesh_lib.ENV_NUM_PROCESSES, mesh_lib.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    assert initialize_distributed() is False
+    assert initialize_distributed(num_processes=1) is False
+    with pytest.raises(ValueError, match="coordinator_address"):
+        initialize_distributed(num_processes=2, process_id=0)
+    monkeypatch.setenv(mesh_lib.ENV_COORDINATOR, "127.0.0.1:1234")
+    monkeypatch.setenv(mesh_lib.ENV_NUM_PROCESSES, "2")
+    with pytest.raises(ValueError, match="process_id"):
+        initialize_distributed()
+    with pytest.raises(ValueError, match=r"process_id=2 outside \[0, 2\)"):
+        initialize_distributed(process_id=2)
