@@ -1,5 +1,6 @@
 """Evaluation: verification pairs (insightface protocol), IJB-B/C 1:1, export, loading."""
 
+from x2jax.evaluation.loading import load_for_eval
 from x2jax.evaluation.verification import (
     VerificationResult,
     embed_images,
@@ -11,6 +12,7 @@ from x2jax.evaluation.verification import (
 __all__ = [
     "VerificationResult",
     "embed_images",
+    "load_for_eval",
     "pair_distances",
     "verification_accuracy",
     "verification_from_distances",
