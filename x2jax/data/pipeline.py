@@ -1,0 +1,290 @@
+"""Deterministic, resumable, per-process-sharded training loader (grain).
+
+Stream (one per process)::
+
+  epoch e: global permutation P_e of the source (seed + e, same on every
+           process); process i of n takes positions i, n + i, 2n + i, ... of
+           P_e, ``len(source) // n`` records (the remainder is dropped, a
+           different one every epoch), so processes are disjoint and equal.
+  -> decode (JPEG / PNG via PIL, or an already decoded array)
+  -> random horizontal flip (p = 0.5, seeded by (seed, shard, position))
+  -> batch ``batch_size`` records, skipping undecodable ones (or raising)
+  -> normalise ``(x / 255 - 0.5) / 0.5`` to float32
+
+Epochs are concatenated (a batch may straddle two epochs); ``num_epochs=None``
+is endless; with a finite count the last partial batch is dropped.
+
+Batches: ``{'image': float32 (B, H, W, 3), 'label': int32 (B,)}``.
+The iterator is a ``grain.DatasetIterator``: ``get_state()`` / ``set_state()``
+and Orbax save / restore via :func:`checkpoint_save_args` /
+:func:`checkpoint_restore_args` (grain's handler). A restored iterator yields
+exactly the batches the original would have yielded next, given the same
+source, seed, batch size, shards and ``worker_count``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import grain
+import numpy as np
+
+from x2jax.data.recordio import decode_image
+
+log = logging.getLogger(__name__)
+
+_SKIPPED = "num_skipped"
+
+
+class CorruptImageError(ValueError):
+  """A training record could not be decoded (or has the wrong size)."""
+
+
+# ---------------------------------------------------------------------------
+# Index space: per-epoch global shuffle, then a strided per-process shard.
+class _EpochShardDataset(grain.MapDataset):
+  """Position k of shard i -> ``shuffled[(k // per) * L + (k % per) * n + i]``.
+
+  ``shuffled`` is grain's ``ShuffleMapDataset``, which permutes index ``e*L + p``
+  within epoch ``e`` with seed ``seed + e``.
+  """
+
+  def __init__(self, shuffled: grain.MapDataset, shard_index: int, shard_count: int,
+               num_epochs: int | None):
+    super().__init__(shuffled)
+    self._len_source = len(shuffled)
+    self._shard_index = shard_index
+    self._shard_count = shard_count
+    self._per_shard = self._len_source // shard_count
+    self._num_epochs = num_epochs
+    if self._per_shard == 0:
+      raise ValueError(f"source of {self._len_source} records is smaller than "
+                       f"shard_count={shard_count}")
+
+  def __len__(self) -> int:
+    if self._num_epochs is None:
+      return sys.maxsize
+    return self._per_shard * self._num_epochs
+
+  def _position(self, k: int) -> int:
+    epoch, j = divmod(k, self._per_shard)
+    return epoch * self._len_source + j * self._shard_count + self._shard_index
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._position(index)]
+
+  def __str__(self) -> str:
+    return (f"_EpochShardDataset(shard={self._shard_index}/{self._shard_count}, "
+            f"per_shard={self._per_shard}, num_epochs={self._num_epochs})")
+
+
+def shard_positions(num_records: int, *, seed: int, shard_index: int, shard_count: int,
+                    epoch: int) -> np.ndarray:
+  """The source indices shard ``shard_index`` reads in ``epoch`` (for tests / audits)."""
+  ds = grain.MapDataset.range(num_records).shuffle(seed=seed)
+  sharded = _EpochShardDataset(ds, shard_index, shard_count, None)
+  per = num_records // shard_count
+  return np.array([sharded[epoch * per + j] for j in range(per)], np.int64)
+
+
+# ---------------------------------------------------------------------------
+# Per-record transforms (run in worker processes when worker_count > 0).
+class _Decode:
+  """Record -> {'image': uint8 (H, W, 3) or None, 'label', 'key', 'error'}."""
+
+  def __init__(self, image_size: tuple[int, int] | None, on_corrupt: str):
+    self.image_size = None if image_size is None else tuple(image_size)
+    self.on_corrupt = on_corrupt
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+    key = record.get("key", "?")
+    image = record["image"]
+    error = None
+    try:
+      if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
+        decoded = image
+      else:
+        decoded = decode_image(bytes(image))
+      if self.image_size is not None and decoded.shape[:2] != self.image_size:
+        raise ValueError(f"image size {decoded.shape[:2]} != expected {self.image_size}")
+    except ValueError as e:
+      error = str(e)
+      decoded = None
+      if self.on_corrupt == "raise":
+        raise CorruptImageError(f"{key}: {error}") from e
+    return {"image": decoded, "label": np.int32(record["label"]), "key": key, "error": error}
+
+
+def _random_flip(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+  flip = rng.random() < 0.5  # drawn for every record, so streams never shift
+  if flip and record["image"] is not None:
+    record = dict(record, image=record["image"][:, ::-1])
+  return record
+
+
+def normalize(images_uint8: np.ndarray) -> np.ndarray:
+  """uint8 (..., 3) -> float32 ``(x / 255 - 0.5) / 0.5`` in [-1, 1]."""
+  return images_uint8.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+# ---------------------------------------------------------------------------
+# Batching that skips corrupt records.
+class _SkipBatchIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    images, labels, skipped = [], [], 0
+    while len(images) < self._batch_size:
+      record = next(self._parent)  # StopIteration drops the partial batch
+      if record["error"] is not None:
+        skipped += 1
+        log.warning("skipping corrupt training record %s: %s", record["key"], record["error"])
+        continue
+      images.append(record["image"])
+      labels.append(record["label"])
+    return {"image": normalize(np.stack(images)), "label": np.asarray(labels, np.int32),
+            _SKIPPED: np.int64(skipped)}
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+class _SkipBatchDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+
+  def __iter__(self) -> _SkipBatchIterator:
+    return _SkipBatchIterator(self._parent.__iter__(), self._batch_size)
+
+
+class TrainLoaderIterator(grain.DatasetIterator):
+  """Yields ``{'image', 'label'}`` batches; ``num_skipped`` counts corrupt records.
+
+  State: ``{'parent': <grain state>, 'num_skipped': int}`` (JSON).
+  """
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self.num_skipped = 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = dict(next(self._parent))
+    self.num_skipped += int(batch.pop(_SKIPPED))
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self.num_skipped = int(state["num_skipped"])
+
+
+class _TrainLoaderDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset):
+    super().__init__(parent)
+
+  def __iter__(self) -> TrainLoaderIterator:
+    return TrainLoaderIterator(self._parent.__iter__())
+
+
+# ---------------------------------------------------------------------------
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; scripts without absl.app need this."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_dataset(source, *, batch_size: int, seed: int, shard_index: int,
+                       shard_count: int, flip: bool = True, num_epochs: int | None = None,
+                       worker_count: int = 0, worker_buffer_size: int = 2,
+                       read_threads: int = 2, image_size: tuple[int, int] | None = None,
+                       on_corrupt: str = "skip") -> grain.IterDataset:
+  """The grain ``IterDataset`` behind :func:`make_train_loader` (same arguments)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+  if on_corrupt not in ("skip", "raise"):
+    raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+  if image_size is None:
+    image_size = getattr(source, "image_size", None)
+  ds = grain.MapDataset.source(source).shuffle(seed=seed)
+  ds = _EpochShardDataset(ds, shard_index, shard_count, num_epochs)
+  ds = ds.map(_Decode(image_size, on_corrupt))
+  if flip:
+    ds = ds.random_map(_random_flip, seed=(seed * 1_000_003 + shard_index) % 2**32)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                               prefetch_buffer_size=max(2 * batch_size, 16)))
+  it_ds = _SkipBatchDataset(it_ds, batch_size)
+  if worker_count > 0:
+    _ensure_absl_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+  return _TrainLoaderDataset(it_ds)
+
+
+def make_train_loader(source, *, batch_size: int, seed: int, shard_index: int,
+                      shard_count: int, flip: bool = True, num_epochs: int | None = None,
+                      worker_count: int = 0, **kwargs) -> TrainLoaderIterator:
+  """Iterator of per-process batches ``{'image': float32 (B,H,W,3), 'label': int32 (B,)}``.
+
+  Args:
+    source: random-access source with ``len`` and ``[i] -> {'image', 'label', 'key'}``
+      (see ``x2jax.data.sources``); its ``image_size`` (H, W) is enforced.
+    batch_size: per-process batch size B.
+    seed: shuffle / flip seed; identical on all processes.
+    shard_index, shard_count: this process and the process count
+      (``jax.process_index()``, ``jax.process_count()``).
+    flip: random horizontal flip with p = 0.5.
+    num_epochs: ``None`` for an endless stream.
+    worker_count: grain worker processes (0: decode in threads of this
+      process). Workers are spawned: scripts need an ``if __name__ ==
+      "__main__":`` guard. The batch order depends on ``worker_count``: resume
+      with the same value.
+    kwargs: ``worker_buffer_size``, ``read_threads``, ``image_size``,
+      ``on_corrupt`` ('skip': count in ``iterator.num_skipped`` and log;
+      'raise': ``CorruptImageError`` naming the record).
+  """
+  ds = make_train_dataset(source, batch_size=batch_size, seed=seed, shard_index=shard_index,
+                          shard_count=shard_count, flip=flip, num_epochs=num_epochs,
+                          worker_count=worker_count, **kwargs)
+  return iter(ds)
+
+
+def steps_per_epoch(source, *, batch_size: int, shard_count: int) -> int:
+  """Full batches per process per epoch (records per shard // batch_size)."""
+  return (len(source) // shard_count) // batch_size
+
+
+# ---------------------------------------------------------------------------
+# Orbax checkpointing (grain's CheckpointHandler, registered with orbax args).
+def checkpoint_save_args(iterator: grain.DatasetIterator):
+  """Orbax args that save ``iterator``'s state, e.g. inside ``ocp.args.Composite``.
+
+  ``manager.save(step, args=ocp.args.Composite(data=checkpoint_save_args(it), ...))``
+  writes ``process_<i>-of-<n>.json`` (one per process).
+  """
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_restore_args(iterator: grain.DatasetIterator):
+  """Orbax args that restore into ``iterator`` (a fresh loader built with the same args)."""
+  return grain.checkpoint.CheckpointRestore(iterator)
+
