@@ -263,7 +263,11 @@ def sharded_margin_loss(
             overflow = jax.lax.psum(overflow, class_axes)
 
         # 3. block cosines + cos_y as an extra target column.
-        cos = jnp.matmul(e_n, losses.l2_normalize(w_blk).T, precision=precision)
+        # normalize(W) @ e scaled per column: no normalised copy of the (C_local, D) block.
+        w_blk = w_blk.astype(jnp.float32)
+        inv_norm = jax.lax.rsqrt(jnp.maximum(jnp.sum(w_blk * w_blk, axis=1),
+                                             losses.NORM_EPS * losses.NORM_EPS))
+        cos = jnp.matmul(e_n, w_blk.T, precision=precision) * inv_norm[None, :]
         ext = jnp.concatenate([cos, cos_y[:, None]], axis=1)
         kw = dict(static_params, **arrays)
         if wants_norms:

@@ -66,7 +66,7 @@ def make_head_step(
 
         (loss, aux), (grad_w, grad_e) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True)(weight, embeddings)
-        updates, opt_state = tx.update(grad_w, opt_state, weight, row_mask=aux.row_mask)
+        updates, opt_state = tx.update(grad_w, opt_state, weight, row_mask=aux.row_mask if sample_rate < 1 else None)
         weight = optax.apply_updates(weight, updates)
         return HeadStepOutput(weight, opt_state, loss, grad_e, aux)
 
