@@ -115,3 +115,21 @@ def test_not_a_checkpoint(tmp_path):
         eval_cli.run(["--checkpoint", str(tmp_path / "nope")])
     with pytest.raises(NotImplementedError, match="not a saved model directory"):
         eval_cli.run(["--checkpoint", str(tmp_path)])
+
+
+def test_eval_ijb_option(workdir, tmp_path):
+    from test_evaluation_ijb import write_ijb_fixture
+
+    from x2jax.evaluation import ijb
+
+    d, module, variables = workdir[:3]
+    root = write_ijb_fixture(str(tmp_path / "ijb"))
+    results = eval_cli.run([
+        "--checkpoint", str(d / "model"), "--sets", "", "--ijb", root, "--roc-dir", str(tmp_path / "roc"),
+        "--out", str(tmp_path / "r.json"),
+    ])
+    direct = ijb.evaluate_ijb(functools.partial(module.apply, train=False), variables, root, image_size=16)
+    assert results["ijb"]["tar_at_far"] == pytest.approx(direct["tar_at_far"], abs=1e-6)
+    assert results["ijb"]["num_pairs"] == 17
+    assert json.loads((tmp_path / "r.json").read_text())["ijb"]["num_templates"] == 16
+    assert os.path.getsize(tmp_path / "roc" / "ijbc_roc.png") > 1000
