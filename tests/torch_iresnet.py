@@ -193,3 +193,19 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 def num_params(model: nn.Module) -> int:
     """All torch parameters, frozen ones included (as insightface reports)."""
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def calibrate_bn_(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Sets every BN's running statistics to those of ``images`` (one train-mode pass with
+    a cumulative average), then switches to eval: activations stay O(1) through deep
+    nets, so an absolute tolerance on the embeddings is meaningful."""
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    model(images)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
