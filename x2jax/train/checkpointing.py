@@ -1,0 +1,171 @@
+"""Orbax checkpoints of a training run: state, data iterator, metadata.
+
+Layout: ``<workdir>/checkpoints/<step>/{state, data, meta}``:
+
+- ``state``: the whole :class:`~x2jax.train.state.TrainState` (StandardSave). It
+  restores onto any mesh: the target is an abstract state whose
+  ``jax.ShapeDtypeStruct`` leaves carry the new shardings.
+- ``data``: the grain iterator state, one JSON file per process.
+- ``meta``: JSON with the config, the model description (what ``eval.py`` needs to
+  rebuild the backbone) and the class count.
+
+Orbax writes each step into a temporary directory and renames it when complete;
+``latest_step`` only sees finished steps, so a run killed mid-save resumes from
+the previous checkpoint. Saves are asynchronous (the device-to-host copy
+happens before ``save`` returns, so the donated state can be reused at once).
+
+Preemption: :class:`PreemptionWatcher` turns SIGTERM (and, on multi-host runs,
+JAX's preemption sync point) into a flag the loop checks after each step; the
+loop then saves, waits for the save and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """CheckpointManager for ``state`` + ``data`` + ``meta`` items."""
+
+    def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(int(every_steps), 1),
+            max_to_keep=int(keep) if keep else None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> bool:
+        """Save if ``step`` is on the interval (or ``force``); True if a save started."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, Any, dict]:
+        """Restore ``step`` into ``abstract_state``'s shapes and shardings."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], restored["data"], restored["meta"]
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """``(step, meta)`` of the latest (or given) finished checkpoint under ``checkpoint_dir``."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    manager = ocp.CheckpointManager(
+        directory.absolute(),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={"meta": ocp.JsonCheckpointHandler()},
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    manager.close()
+    return step, meta
+
+
+def restore_backbone(checkpoint_dir: str | os.PathLike, abstract_variables: Any, step: int | None = None) -> tuple[int, Any]:
+    """Restore only the backbone ``{'params', 'batch_stats'}`` of a training checkpoint.
+
+    ``abstract_variables``: ShapeDtypeStructs (with shardings) of the backbone
+    variables. The class-centre matrix and optimizer state are not read.
+    """
+    directory = Path(checkpoint_dir).absolute()
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    target = {"params": {"backbone": abstract_variables["params"]}, "batch_stats": abstract_variables["batch_stats"]}
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
+        if getattr(a, "sharding", None) is not None
+        else ocp.RestoreArgs(dtype=a.dtype),
+        target,
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        ),
+    )["state"]
+    manager.close()
+    return step, {"params": restored["params"]["backbone"], "batch_stats": restored["batch_stats"]}
+
+
+class PreemptionWatcher:
+    """Sets ``requested`` on SIGTERM (or SIGINT when ``catch_sigint``); restores handlers on close."""
+
+    def __init__(self, catch_sigint: bool = False):
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+        self.signal_name: str | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be caught on the main thread
+        signals = [signal.SIGTERM] + ([signal.SIGINT] if catch_sigint else [])
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,0 +1,260 @@
+"""Training configuration: the schema with defaults, loading, overrides, validation.
+
+Config files in ``configs/`` are small Python files with ``get_config()`` that
+start from :func:`base_config` (every key the trainer reads, with defaults)
+and change what their recipe needs. ``base_config`` is locked: assigning a key it
+does not have raises, in files and on the command line alike
+(``--config.optimizer.lr=0.05`` style overrides, parsed to the type of the
+existing value). :func:`validate` checks everything that can be checked before
+devices are touched or anything compiles.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+from x2jax import losses
+
+DTYPES = ("float32", "bfloat16", "float16")
+DATASETS = ("synthetic", "insightface_rec", "image_folder")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with defaults (the CPU default run)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Data: name in DATASETS; path: dataset directory (insightface_rec: train.rec/idx/property;
+    # image_folder: root/<identity>/<image>); variant: synthetic config name ('small', 'large').
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="synthetic",
+            variant="small",
+            path="",
+            batch_size=128,  # global batch (all devices and processes)
+            flip=True,
+            worker_count=0,
+            on_corrupt="skip",  # 'skip' (counted) or 'raise'
+            # synthetic only: override the variant's size (0 = the variant's value)
+            num_identities=0,
+            images_per_identity=0,
+            image_size=0,
+        )
+    )
+    # layers / widths: override the architecture's stages (() = the named architecture's).
+    c.model = ml_collections.ConfigDict(
+        dict(name="r18_tiny", embedding_size=128, dtype="float32", conv_impl="xla", dropout=0.0, layers=(), widths=())
+    )
+    # Loss: a name from x2jax.losses.NAMES and its keyword params; sample_rate < 1 is Partial FC.
+    c.loss = ml_collections.ConfigDict(
+        dict(name="x2_softmax", params=ml_collections.ConfigDict(dict(scale=64.0, a=-0.9, h=0.0, k=0.65)), sample_rate=1.0)
+    )
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="sgd",
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=5e-4,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            grad_clip_norm=5.0,  # backbone only; 0 disables
+            accumulate_steps=1,
+        )
+    )
+    c.schedule = ml_collections.ConfigDict(
+        dict(
+            name="polynomial",
+            lr=0.1,
+            warmup_steps=0,
+            boundaries=(0.5, 0.75, 0.9),  # step: fractions of the run (or absolute steps if > 1)
+            decay_factor=0.1,
+            power=2.0,
+            end_lr=0.0,
+        )
+    )
+    c.num_steps = 0  # exactly one of num_steps / num_epochs is > 0
+    c.num_epochs = 0.0
+    # num_devices: use the first N devices (0 = all), e.g. to resume on fewer devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, num_devices=0, param_sharding="replicate"))
+    c.distributed = ml_collections.ConfigDict(
+        dict(coordinator_address="", num_processes=0, process_id=-1, auto_detect=False)
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+    c.log_every_steps = 50
+    # Verification every N steps (0: only at the end) on comma-separated sets:
+    # 'synthetic' (held-out synthetic identities) or .bin names (lfw, cfp_fp, ...) under data_dir.
+    c.eval = ml_collections.ConfigDict(dict(every_steps=0, sets="synthetic", data_dir="", batch_size=256))
+    c.on_nonfinite = "stop"  # 'stop' (error naming the step) or 'skip' (the step changes nothing)
+    c.compilation_cache_dir = "~/.cache/x2jax/jax_cache"  # "" disables the persistent cache
+    c.debug = ml_collections.ConfigDict(dict(sigterm_at_step=-1, nan_at_step=-1, bad_label_at_step=-1))
+    c.lock()
+    return c
+
+
+# Official / insightface default parameters of the losses the recipes compare.
+LOSS_PRESETS = {
+    "x2_softmax": dict(scale=64.0, a=-0.9, h=0.0, k=0.65),
+    "arcface": dict(scale=64.0, margin=0.5),
+    "cosface": dict(scale=64.0, margin=0.35),
+    "normface": dict(scale=64.0),
+}
+
+
+def set_loss(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """Set ``config.loss`` to ``name`` with its preset parameters (official constants)."""
+    config.loss.name = name
+    config.loss.params = ml_collections.ConfigDict(LOSS_PRESETS.get(name, {}))
+    return config
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Load ``get_config()`` from a Python file (``file.py`` or ``file.py:arg``)."""
+    path = str(path)
+    arg = None
+    if ":" in Path(path).name:
+        path, arg = path.rsplit(":", 1)
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {file} not found")
+    spec = importlib.util.spec_from_file_location(f"x2jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(file.parent.absolute()))  # configs may import their siblings
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(file.parent.absolute()))
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {file} has no get_config()")
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(f"{file}: get_config() must return an ml_collections.ConfigDict")
+    return config
+
+
+def _parse_like(text: str, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"--config.{key}: expected a boolean, got {text!r}")
+    if isinstance(current, (int, float)):
+        try:
+            value = type(current)(ast.literal_eval(text)) if isinstance(current, int) else float(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--config.{key}: expected {type(current).__name__}, got {text!r}") from None
+        return value
+    if isinstance(current, (tuple, list)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = tuple(v.strip() for v in text.split(",") if v.strip())
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply ``key.sub=value`` strings; unknown keys raise naming the known ones."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} must look like key.sub=value")
+        key, text = item.split("=", 1)
+        parts = key.split(".")
+        node = config
+        for i, part in enumerate(parts):
+            free = parts[:i] == ["loss", "params"]  # margin-function keywords: any name
+            if free and i == len(parts) - 1:
+                break
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(parts[:i]) or "<top level>"
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise ValueError(f"unknown config key {key!r}: {where} has no {part!r} (known: {', '.join(known)})")
+            if i < len(parts) - 1:
+                node = node[part]
+        last = parts[-1]
+        if last in node:
+            node[last] = _parse_like(text, node[last], key)
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            with node.unlocked():
+                node[last] = value
+    return config
+
+
+def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "") -> None:
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ValueError(f"unknown config key {name!r} (known: {', '.join(sorted(schema.keys()))})")
+        if isinstance(schema[key], ml_collections.ConfigDict) and key != "params":
+            if not isinstance(config[key], ml_collections.ConfigDict):
+                raise ValueError(f"config key {name!r} must be a group of keys")
+            _check_keys(config[key], schema[key], name + ".")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check a config without touching devices; raises ``ValueError`` naming the key."""
+    from x2jax.models.registry import NAMES as MODEL_NAMES  # noqa: PLC0415 (keeps losses import light)
+
+    _check_keys(config, base_config())
+    d, m, lo = config.data, config.model, config.loss
+    if d.name not in DATASETS:
+        raise ValueError(f"data.name must be one of {DATASETS}, got {d.name!r}")
+    if d.name != "synthetic":
+        if not d.path:
+            raise ValueError(f"data.path is required for data.name={d.name!r}")
+        if not Path(os.path.expanduser(d.path)).exists():
+            raise ValueError(f"data.path {d.path!r} does not exist")
+    if d.batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
+    if d.on_corrupt not in ("skip", "raise"):
+        raise ValueError(f"data.on_corrupt must be 'skip' or 'raise', got {d.on_corrupt!r}")
+    if m.name not in MODEL_NAMES:
+        raise ValueError(f"model.name {m.name!r} unknown; known: {', '.join(MODEL_NAMES)}")
+    if m.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+    margin_fn = losses.get(lo.name)
+    accepted = set(inspect.signature(margin_fn).parameters) - {"cosine", "labels", "rng", "norms"}
+    accepted -= set(losses.initial_state(lo.name))
+    unknown = set(lo.params.keys()) - accepted
+    if unknown:
+        raise ValueError(f"loss.params {sorted(unknown)} not accepted by {lo.name}; accepted: {sorted(accepted)}")
+    if not 0.0 < lo.sample_rate <= 1.0:
+        raise ValueError(f"loss.sample_rate must be in (0, 1], got {lo.sample_rate}")
+    if lo.sample_rate < 1.0 and config.optimizer.accumulate_steps > 1:
+        raise ValueError("loss.sample_rate < 1 with optimizer.accumulate_steps > 1 is not supported")
+    if (config.num_steps > 0) == (config.num_epochs > 0):
+        raise ValueError(f"set exactly one of num_steps ({config.num_steps}) and num_epochs ({config.num_epochs})")
+    if config.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
+    if config.mesh.param_sharding not in ("replicate", "fsdp"):
+        raise ValueError(f"mesh.param_sharding must be 'replicate' or 'fsdp', got {config.mesh.param_sharding!r}")
+    if config.log_every_steps < 1 or config.checkpoint.every_steps < 1:
+        raise ValueError("log_every_steps and checkpoint.every_steps must be >= 1")
+    for name in (s.strip() for s in config.eval.sets.split(",") if s.strip()):
+        if name != "synthetic":
+            root = Path(os.path.expanduser(config.eval.data_dir or ""))
+            if not (root / f"{name}.bin").is_file():
+                raise ValueError(f"eval set {name!r}: {root / (name + '.bin')} not found (set eval.data_dir)")
+
+
+def validate_for_devices(config: ml_collections.ConfigDict, *, batch_shards: int, process_count: int) -> None:
+    """Checks that need the mesh: the global batch splits over devices and processes."""
+    b = config.data.batch_size
+    if b % batch_shards:
+        raise ValueError(f"data.batch_size={b} is not divisible by the {batch_shards} devices of the batch axis")
+    if b % process_count:
+        raise ValueError(f"data.batch_size={b} is not divisible by the {process_count} processes")
+    if config.eval.batch_size % batch_shards:
+        raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by {batch_shards} devices")

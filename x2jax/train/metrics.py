@@ -1,0 +1,90 @@
+"""Metrics of a run: JSONL log, TensorBoard event files, a progress line.
+
+Only process 0 writes. ``<workdir>/metrics.jsonl`` has one JSON object a line
+(``{"step": ..., "split": "train"|"eval", ...}``); ``<workdir>/tensorboard`` has
+event files (tensorboardX, no TensorFlow needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricWriter:
+    """Appends scalars to metrics.jsonl and TensorBoard; no-op on processes > 0."""
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self._tb = None
+        if not self.active:
+            return
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        record = {"step": int(step), "split": split, "time": time.time()}
+        record.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(f"{split}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A one-line status every call: step, loss, images/s, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, global_batch: int, stream=None):
+        self.total, self.batch = total_steps, global_batch
+        self.stream = stream or sys.stdout
+        self._t0, self._step0 = time.perf_counter(), start_step
+        self.active = jax.process_index() == 0
+
+    def restart_clock(self, step: int) -> None:
+        """Start measuring from ``step`` (call after the first, compiling step)."""
+        self._t0, self._step0 = time.perf_counter(), step
+
+    def images_per_second(self, step: int) -> float:
+        elapsed = time.perf_counter() - self._t0
+        return (step - self._step0) * self.batch / elapsed if elapsed > 0 and step > self._step0 else float("nan")
+
+    def update(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        ips = self.images_per_second(step)
+        eta = (self.total - step) * self.batch / ips if ips == ips and ips > 0 else float("nan")
+        pct = 100.0 * step / max(self.total, 1)
+        parts = [f"step {step}/{self.total} ({pct:3.0f}%)"]
+        parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
+        parts.append(f"{ips:.0f} img/s" if ips == ips else "-- img/s")
+        parts.append(f"ETA {format_duration(eta)}" if eta == eta else "ETA --")
+        print(" | ".join(parts), file=self.stream, flush=True)

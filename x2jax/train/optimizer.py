@@ -1,0 +1,83 @@
+"""Learning-rate schedules and the optimizer of backbone + class centres.
+
+Parameters are ``{'backbone': ..., 'head': {'weight': W (C_pad, D)}}``. Both
+groups share the schedule, momentum and weight decay (official X2-Softmax and
+insightface recipes); only the backbone's gradient is clipped (global norm 5
+in the official code). The head's optimizer is wrapped in
+:func:`x2jax.parallel.optim.masked_row_updates`, so with Partial FC sampling
+only sampled class-centre rows move (their momentum and weight decay too).
+Weight decay is torch-style L2 added to the gradient before momentum
+(``torch.optim.SGD(weight_decay=...)``); AdamW uses decoupled decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from x2jax.parallel.optim import masked_row_updates
+
+SCHEDULES = ("constant", "step", "polynomial", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+    """Warmup (linear from 0) then ``cfg.name`` decay over ``total_steps``.
+
+    cfg fields: name, lr, warmup_steps, and per schedule: ``step``:
+    ``boundaries`` (fractions of total steps, or absolute steps if > 1) and
+    ``decay_factor``; ``polynomial``: ``power`` and ``end_lr``; ``cosine``: ``end_lr``.
+    """
+    lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
+    if cfg.name not in SCHEDULES:
+        raise ValueError(f"schedule.name must be one of {SCHEDULES}, got {cfg.name!r}")
+    if not 0 <= warmup < max(total_steps, 1):
+        raise ValueError(f"schedule.warmup_steps={warmup} must be in [0, total steps={total_steps})")
+    decay_steps = max(total_steps - warmup, 1)
+    if cfg.name == "constant":
+        main = optax.constant_schedule(lr)
+    elif cfg.name == "step":
+        bounds = [int(b * total_steps) if b <= 1 else int(b) for b in cfg.boundaries]
+        main = optax.piecewise_constant_schedule(
+            lr, {max(b - warmup, 1): float(cfg.decay_factor) for b in bounds}
+        )
+    elif cfg.name == "polynomial":
+        main = optax.polynomial_schedule(lr, float(cfg.end_lr), float(cfg.power), decay_steps)
+    else:
+        main = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(cfg.end_lr) / lr if lr else 0.0)
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def _base(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    if cfg.name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(float(cfg.weight_decay)),
+            optax.sgd(schedule, momentum=float(cfg.momentum) or None, nesterov=bool(cfg.nesterov)),
+        )
+    if cfg.name == "adamw":
+        return optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
+                           weight_decay=float(cfg.weight_decay))
+    raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {cfg.name!r}")
+
+
+def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """Optimizer over ``{'backbone', 'head'}``; ``update(..., row_mask=...)`` for Partial FC.
+
+    cfg fields: name ("sgd" | "adamw"), momentum, nesterov, weight_decay, b1, b2,
+    eps, grad_clip_norm (backbone only; 0 disables), accumulate_steps (>1 wraps
+    everything in ``optax.MultiSteps``).
+    """
+    backbone = _base(cfg, schedule)
+    if float(cfg.grad_clip_norm) > 0:
+        backbone = optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip_norm)), backbone)
+    tx = optax.partition(
+        {"backbone": optax.with_extra_args_support(backbone), "head": masked_row_updates(_base(cfg, schedule))},
+        {"backbone": "backbone", "head": "head"},
+        mask_compatible_extra_args=False,
+    )
+    if int(cfg.accumulate_steps) > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=int(cfg.accumulate_steps))
+    return optax.with_extra_args_support(tx)

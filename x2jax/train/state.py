@@ -1,0 +1,166 @@
+"""Train state, created directly sharded over the mesh.
+
+``TrainState`` holds everything a step reads and writes. Its shardings come from
+the rules of :mod:`x2jax.parallel.sharding`: backbone params replicated (or
+FSDP), the class-centre matrix W and every optimizer leaf shaped like it split
+over the class axes, scalars replicated. ``create_train_state`` runs the
+initialiser under ``jax.jit(..., out_shardings=...)`` so no device ever holds
+the full W.
+
+W has ``C_pad`` rows: ``C`` rounded up to a multiple of ``lcm(128, shards)``.
+The padding does not depend on the device count as long as the class-shard
+count divides 128, so a checkpoint restores onto 1, 2, 4, ... 128 class
+shards unchanged (rows >= C are zero, masked in the loss, never updated).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from x2jax import losses
+from x2jax.models.registry import init_variables
+from x2jax.parallel.head import pad_num_classes
+from x2jax.parallel.sharding import (
+    ShardingRules,
+    class_centers_sharding,
+    num_class_shards,
+    opt_state_shardings,
+    param_shardings,
+    replicated,
+)
+
+# Class rows are padded to a multiple of lcm(CLASS_PAD_MULTIPLE, shards).
+CLASS_PAD_MULTIPLE = 128
+# torch.cuda.amp.GradScaler defaults, for float16 training.
+LOSS_SCALE_INIT = 2.0**16
+LOSS_SCALE_GROWTH_INTERVAL = 2000
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 (batches consumed); params: {'backbone', 'head': {'weight': (C_pad, D)}};
+    batch_stats: BN statistics; opt_state: optax state; loss_state: margin-function state
+    (CurricularFace t, AdaFace norm statistics); loss_scale: {'scale' f32, 'good_steps' i32}
+    (dynamic float16 loss scaling; scale stays 1 otherwise); rng: uint32[2] PRNG key."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    loss_state: Any
+    loss_scale: Any
+    rng: jax.Array
+
+
+def padded_num_classes(num_classes: int, num_shards: int) -> int:
+    """Rows of W: ``num_classes`` rounded up to a multiple of ``lcm(128, num_shards)``."""
+    return pad_num_classes(num_classes, math.lcm(CLASS_PAD_MULTIPLE, num_shards))
+
+
+def _init_state(
+    rng: jax.Array,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+    padded_classes: int,
+    loss_name: str,
+    float16: bool,
+) -> TrainState:
+    rng, model_rng, head_rng = jax.random.split(rng, 3)
+    variables = init_variables(model, model_rng)
+    weight = 0.01 * jax.random.normal(head_rng, (padded_classes, model.embedding_size), jnp.float32)
+    weight = jnp.where((jnp.arange(padded_classes) < num_classes)[:, None], weight, 0.0)
+    params = {"backbone": variables["params"], "head": {"weight": weight}}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        loss_state=losses.initial_state(loss_name),
+        loss_scale={
+            "scale": jnp.asarray(LOSS_SCALE_INIT if float16 else 1.0, jnp.float32),
+            "good_steps": jnp.zeros((), jnp.int32),
+        },
+        rng=rng,
+    )
+
+
+def state_shardings(
+    abstract_state: TrainState,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    param_strategy: str = "replicate",
+    rules: ShardingRules | None = None,
+) -> TrainState:
+    """NamedShardings for every leaf of a (possibly abstract) TrainState."""
+    rules = rules or ShardingRules()
+    rep = replicated(mesh)
+    params = {
+        "backbone": param_shardings(abstract_state.params["backbone"], mesh, strategy=param_strategy, rules=rules),
+        "head": {"weight": class_centers_sharding(mesh, rules)},
+    }
+    return TrainState(
+        step=rep,
+        params=params,
+        batch_stats=jax.tree.map(lambda _: rep, abstract_state.batch_stats),
+        opt_state=opt_state_shardings(tx, abstract_state.opt_state, params, mesh),
+        loss_state=jax.tree.map(lambda _: rep, abstract_state.loss_state),
+        loss_scale=jax.tree.map(lambda _: rep, abstract_state.loss_scale),
+        rng=rep,
+    )
+
+
+def make_state_factory(
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    num_classes: int,
+    loss_name: str,
+    float16: bool = False,
+    param_strategy: str = "replicate",
+    rules: ShardingRules | None = None,
+) -> tuple[Any, TrainState, TrainState]:
+    """Returns ``(create(rng) -> TrainState, shardings, abstract state with shardings)``.
+
+    ``create`` is the initialiser jitted with ``out_shardings``; the abstract state
+    (``jax.ShapeDtypeStruct`` carrying the target shardings) is what a checkpoint
+    restores into, on this mesh whatever mesh saved it.
+    """
+    rules = rules or ShardingRules()
+    padded = padded_num_classes(num_classes, num_class_shards(mesh, rules))
+    init = functools.partial(
+        _init_state,
+        model=model,
+        tx=tx,
+        num_classes=num_classes,
+        padded_classes=padded,
+        loss_name=loss_name,
+        float16=float16,
+    )
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = state_shardings(abstract, tx, mesh, param_strategy=param_strategy, rules=rules)
+    create = jax.jit(init, out_shardings=shardings)
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return create, shardings, abstract_sharded
+
+
+def is_sharded_like(tree: Any, shardings: Any) -> bool:
+    """True if every array leaf of ``tree`` has the matching ``NamedSharding`` spec."""
+    def same(x, s: NamedSharding) -> bool:
+        return x.sharding.is_equivalent_to(s, x.ndim)
+
+    return all(jax.tree.leaves(jax.tree.map(same, tree, shardings)))
