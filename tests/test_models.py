@@ -258,6 +258,23 @@ def test_wrong_input_dtype_and_config_raise():
         models.get_model("r50", depth=3)
     with pytest.raises(ValueError, match="dtype must be"):
         models.get_model("r50", dtype=jnp.int32)
+    with pytest.raises(ValueError, match="'mobilefacenet' has no dropout"):
+        models.get_model("mobilefacenet", dropout=0.1)
+    assert models.get_model("mobilefacenet", dropout=0.0) == models.get_model("mobilefacenet")
+
+
+def test_architecture_overrides_survive_json(tmp_path):
+    # Lists (as JSON gives them back) become tuples; the override reaches the module.
+    module = models.get_model("r18_tiny", image_size=SIZE, embedding_size=EMBED,
+                              layers=[1, 1, 1, 1])
+    assert module.layers == (1, 1, 1, 1)
+    variables = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                             models.abstract_variables(module))
+    assert "layer1_1" not in variables["params"] and "layer4_0" in variables["params"]
+    models.save_model(tmp_path / "m", variables, arch="r18_tiny", image_size=SIZE,
+                      embedding_size=EMBED, layers=(1, 1, 1, 1))
+    loaded, _, info = models.load_model(tmp_path / "m")
+    assert info["layers"] == [1, 1, 1, 1] and loaded == module
 
 
 def test_sharded_creation_with_out_shardings():

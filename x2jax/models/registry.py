@@ -51,6 +51,11 @@ def get_model(name: str, *, embedding_size: int = 512, dtype: Any = jnp.float32,
         raise ValueError(f"unknown model {name!r}; known: {', '.join(NAMES)}")
     cls, arch_fields = _ARCHS[name]
     allowed = _field_names(cls) - {"arch"}
+    if "dropout" not in allowed and "dropout" in kwargs:
+        if kwargs.pop("dropout"):  # a config may pass dropout=0 to every model
+            raise ValueError(f"model {name!r} has no dropout; got dropout > 0")
+    # JSON (model.json, configs) turns tuples into lists; module fields must be hashable.
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     unknown = set(kwargs) - allowed
     if unknown:
         raise ValueError(f"model {name!r}: unknown keyword(s) {sorted(unknown)}; "
