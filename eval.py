@@ -33,7 +33,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated verification sets: '{SYNTHETIC}' (generated) or names of <data-dir>/<name>.bin",
     )
     p.add_argument("--data-dir", default=".", help="directory holding the .bin files")
-    p.add_argument("--synthetic-config", default="small", help="x2jax.data.synthetic config of the synthetic set")
+    p.add_argument(
+        "--synthetic-config",
+        default=None,
+        help="x2jax.data.synthetic config of the synthetic set (default: the checkpoint's info['synthetic'], else 'small')",
+    )
+    p.add_argument(
+        "--synthetic-num-identities",
+        type=int,
+        default=0,
+        help="data.num_identities of the training run (0 = the config's); held-out identities start after them",
+    )
     p.add_argument("--resize", action="store_true", help="resize set images to the model's image size (bilinear)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step (rounded up to the device count)")
     p.add_argument("--folds", type=int, default=10)
@@ -62,13 +72,29 @@ def resolve_sets(names: Sequence[str], data_dir: str) -> dict[str, str | None]:
     return sets
 
 
-def load_set(name: str, path: str | None, image_size: int, *, resize: bool, synthetic_config: str):
+def synthetic_settings(args: argparse.Namespace, info: dict[str, Any], image_size: int) -> tuple[str, dict[str, Any]]:
+    """(config name, overrides) of the synthetic set.
+
+    A checkpoint's ``info["synthetic"]`` (``{"variant": name, <SyntheticConfig fields>}``,
+    filled by the train checkpoint loader) is the default, so that eval.py sees the
+    held-out identities of that run; command-line flags override it. The set is
+    rendered at the model's image size (identities and pairs do not depend on it).
+    """
+    stored = dict(info.get("synthetic") or {})
+    name = args.synthetic_config or stored.pop("variant", "small")
+    overrides = stored if args.synthetic_config is None else {}
+    if args.synthetic_num_identities > 0:
+        overrides["num_identities"] = args.synthetic_num_identities
+    overrides["image_size"] = image_size
+    return name, overrides
+
+
+def load_set(name: str, path: str | None, image_size: int, *, resize: bool, synthetic: tuple[str, dict[str, Any]]):
     """(images uint8 (2N, S, S, 3), issame bool (N,)), checked against the model's image size."""
     if path is None:
         from x2jax.data.synthetic import generate_verification, get_config
 
-        # Rendered at the model's size: identities and pairs do not depend on the size.
-        images, issame = generate_verification(get_config(synthetic_config, image_size=image_size))
+        images, issame = generate_verification(get_config(synthetic[0], **synthetic[1]))
     else:
         from x2jax.data.verification_bin import load_bin
 
@@ -154,7 +180,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint), "model": info, "sets": {}}
     for name, path in sets.items():
-        images, issame = load_set(name, path, image_size, resize=args.resize, synthetic_config=args.synthetic_config)
+        images, issame = load_set(
+            name, path, image_size, resize=args.resize, synthetic=synthetic_settings(args, info, image_size)
+        )
         start = time.perf_counter()
         embeddings = embed_images(apply_fn, variables, images, batch_size, mesh=mesh)
         seconds = time.perf_counter() - start

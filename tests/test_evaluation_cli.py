@@ -133,3 +133,21 @@ def test_eval_ijb_option(workdir, tmp_path):
     assert results["ijb"]["num_pairs"] == 17
     assert json.loads((tmp_path / "r.json").read_text())["ijb"]["num_templates"] == 16
     assert os.path.getsize(tmp_path / "roc" / "ijbc_roc.png") > 1000
+
+
+def test_synthetic_set_follows_checkpoint_and_flags(workdir, tmp_path):
+    d, module, variables = workdir[:3]
+    args = eval_cli.parse_args(["--checkpoint", "x"])
+    info = {"synthetic": {"variant": "large", "num_identities": 50}}
+    assert eval_cli.synthetic_settings(args, info, 16) == ("large", {"num_identities": 50, "image_size": 16})
+    args = eval_cli.parse_args(["--checkpoint", "x", "--synthetic-config", "small", "--synthetic-num-identities", "7"])
+    assert eval_cli.synthetic_settings(args, info, 16) == ("small", {"num_identities": 7, "image_size": 16})
+    assert eval_cli.synthetic_settings(eval_cli.parse_args(["--checkpoint", "x"]), {}, 32) == ("small", {"image_size": 32})
+
+    # The set is the held-out split of that config, rendered at the model's size.
+    settings = ("small", {"num_identities": 20, "num_verification_identities": 12, "num_verification_pairs": 40,
+                          "image_size": 16})
+    images, issame = eval_cli.load_set("synthetic", None, 16, resize=False, synthetic=settings)
+    want_images, want_issame = generate_verification(get_config(settings[0], **settings[1]))
+    np.testing.assert_array_equal(images, want_images)
+    np.testing.assert_array_equal(issame, want_issame)

@@ -71,7 +71,10 @@ def load_train_checkpoint(path: str | os.PathLike, **overrides: Any) -> tuple[Ap
     build the module from the run's model config, and return
     ``(functools.partial(module.apply, train=False), variables, info)`` with
     ``info`` holding at least ``arch``, ``embedding_size`` and ``image_size``
-    (and ``"format": "train_checkpoint"``). Use :func:`check_saved_shapes` to turn
+    (and ``"format": "train_checkpoint"``). For a run on synthetic data also put
+    ``info["synthetic"] = {"variant": data.variant, <non-default SyntheticConfig
+    fields, e.g. num_identities>}``: eval.py then evaluates the held-out identities
+    of that run by default. Use :func:`check_saved_shapes` to turn
     a shape mismatch into an error that names the architecture.
     """
     raise NotImplementedError(
