@@ -259,6 +259,11 @@ def test_ijb_meta_errors(tmp_path):
     with pytest.raises(ValueError, match="templates absent .* e.g. 999"):
         ijb.read_ijb_meta(root, "IJBC")
 
+    with open(os.path.join(root, "meta", "ijbc_template_pair_label.txt"), "a") as f:
+        f.write("1 2\n")
+    with pytest.raises(ValueError, match=r"ijbc_template_pair_label.txt: the number of columns changed"):
+        ijb.read_ijb_meta(root, "IJBC")
+
     root = write_ijb_fixture(str(tmp_path / "noimage"))
     os.remove(os.path.join(root, "loose_crop", "5.png"))
     meta = ijb.read_ijb_meta(root, "IJBC")
