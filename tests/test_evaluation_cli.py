@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import eval as eval_cli
-from x2jax.data.synthetic import generate_verification, get_config
-from x2jax.data.verification_bin import write_bin
-from x2jax.evaluation import verification_accuracy
-from x2jax.models import get_model, init_variables, save_model
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # eval.py is a top-level script, not part of the package
+
+import eval as eval_cli  # noqa: E402
+from x2jax.data.synthetic import generate_verification, get_config  # noqa: E402
+from x2jax.data.verification_bin import write_bin  # noqa: E402
+from x2jax.evaluation import verification_accuracy  # noqa: E402
+from x2jax.models import get_model, init_variables, save_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
