@@ -2,12 +2,12 @@
 
 Stream (one per process)::
 
-  epoch e: global permutation P_e of the source (seed + e, same on every
-           process); process i of n takes positions i, n + i, 2n + i, ... of
+  epoch e: global permutation P_e of the source (numpy, seeded by (seed, e),
+           the same on every process); process i of n takes positions i, n + i, 2n + i, ... of
            P_e, ``len(source) // n`` records (the remainder is dropped, a
            different one every epoch), so processes are disjoint and equal.
   -> decode (JPEG / PNG via PIL, or an already decoded array)
-  -> random horizontal flip (p = 0.5, seeded by (seed, shard, position))
+  -> random horizontal flip (p = 0.5, a splitmix64 hash of (seed, shard, position))
   -> batch ``batch_size`` records, skipping undecodable ones (or raising)
   -> normalise ``(x / 255 - 0.5) / 0.5`` to float32
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Any
 
 import grain
@@ -45,37 +46,60 @@ class CorruptImageError(ValueError):
 # ---------------------------------------------------------------------------
 # Index space: per-epoch global shuffle, then a strided per-process shard.
 class _EpochShardDataset(grain.MapDataset):
-  """Position k of shard i -> ``shuffled[(k // per) * L + (k % per) * n + i]``.
+  """Position k of shard i reads record ``P_e[(k % per) * n + i]``, ``e = k // per``.
 
-  ``shuffled`` is grain's ``ShuffleMapDataset``, which permutes index ``e*L + p``
-  within epoch ``e`` with seed ``seed + e``.
+  ``P_e = np.random.default_rng([seed, e]).permutation(L)``: the same on every
+  process, a new one each epoch (the latest two are cached).
   """
 
-  def __init__(self, shuffled: grain.MapDataset, shard_index: int, shard_count: int,
-               num_epochs: int | None):
-    super().__init__(shuffled)
-    self._len_source = len(shuffled)
+  def __init__(self, parent: grain.MapDataset, *, seed: int, shard_index: int,
+               shard_count: int, num_epochs: int | None):
+    super().__init__(parent)
+    self._len_source = len(parent)
+    self._seed = seed
     self._shard_index = shard_index
     self._shard_count = shard_count
     self._per_shard = self._len_source // shard_count
     self._num_epochs = num_epochs
+    self._perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
     if self._per_shard == 0:
       raise ValueError(f"source of {self._len_source} records is smaller than "
                        f"shard_count={shard_count}")
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_perms"], state["_lock"] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     if self._num_epochs is None:
       return sys.maxsize
     return self._per_shard * self._num_epochs
 
-  def _position(self, k: int) -> int:
+  def _permutation(self, epoch: int) -> np.ndarray:
+    perm = self._perms.get(epoch)
+    if perm is None:
+      with self._lock:
+        perm = self._perms.get(epoch)
+        if perm is None:
+          perm = np.random.default_rng([self._seed, epoch]).permutation(self._len_source)
+          self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+          self._perms[epoch] = perm
+    return perm
+
+  def source_index(self, k: int) -> int:
     epoch, j = divmod(k, self._per_shard)
-    return epoch * self._len_source + j * self._shard_count + self._shard_index
+    return int(self._permutation(epoch)[j * self._shard_count + self._shard_index])
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    return self._parent[self._position(index)]
+    return self._parent[self.source_index(index)]
 
   def __str__(self) -> str:
     return (f"_EpochShardDataset(shard={self._shard_index}/{self._shard_count}, "
@@ -85,22 +109,39 @@ class _EpochShardDataset(grain.MapDataset):
 def shard_positions(num_records: int, *, seed: int, shard_index: int, shard_count: int,
                     epoch: int) -> np.ndarray:
   """The source indices shard ``shard_index`` reads in ``epoch`` (for tests / audits)."""
-  ds = grain.MapDataset.range(num_records).shuffle(seed=seed)
-  sharded = _EpochShardDataset(ds, shard_index, shard_count, None)
+  sharded = _EpochShardDataset(grain.MapDataset.range(num_records), seed=seed,
+                               shard_index=shard_index, shard_count=shard_count,
+                               num_epochs=None)
   per = num_records // shard_count
-  return np.array([sharded[epoch * per + j] for j in range(per)], np.int64)
+  return np.array([sharded.source_index(epoch * per + j) for j in range(per)], np.int64)
 
 
 # ---------------------------------------------------------------------------
 # Per-record transforms (run in worker processes when worker_count > 0).
-class _Decode:
-  """Record -> {'image': uint8 (H, W, 3) or None, 'label', 'key', 'error'}."""
+_MASK64 = (1 << 64) - 1
 
-  def __init__(self, image_size: tuple[int, int] | None, on_corrupt: str):
+
+def flip_bit(seed: int, index: int) -> bool:
+  """Deterministic fair coin for stream position ``index`` (splitmix64 of seed, index)."""
+  z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+  return bool((z ^ (z >> 31)) & 1)
+
+
+class _DecodeFlip:
+  """(position, record) -> {'image': uint8 (H, W, 3) or None, 'label', 'key', 'error'}.
+
+  Decodes, checks the size, and mirrors the image when ``flip_bit(flip_seed, position)``.
+  """
+
+  def __init__(self, image_size: tuple[int, int] | None, on_corrupt: str,
+               flip_seed: int | None):
     self.image_size = None if image_size is None else tuple(image_size)
     self.on_corrupt = on_corrupt
+    self.flip_seed = flip_seed
 
-  def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+  def __call__(self, position: int, record: dict[str, Any]) -> dict[str, Any]:
     key = record.get("key", "?")
     image = record["image"]
     error = None
@@ -116,19 +157,18 @@ class _Decode:
       decoded = None
       if self.on_corrupt == "raise":
         raise CorruptImageError(f"{key}: {error}") from e
+    if (decoded is not None and self.flip_seed is not None
+        and flip_bit(self.flip_seed, position)):
+      decoded = decoded[:, ::-1]
     return {"image": decoded, "label": np.int32(record["label"]), "key": key, "error": error}
 
 
-def _random_flip(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-  flip = rng.random() < 0.5  # drawn for every record, so streams never shift
-  if flip and record["image"] is not None:
-    record = dict(record, image=record["image"][:, ::-1])
-  return record
-
-
 def normalize(images_uint8: np.ndarray) -> np.ndarray:
-  """uint8 (..., 3) -> float32 ``(x / 255 - 0.5) / 0.5`` in [-1, 1]."""
-  return images_uint8.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+  """uint8 (..., 3) -> float32 ``(x / 255 - 0.5) / 0.5 = x * 2/255 - 1`` in [-1, 1]."""
+  out = images_uint8.astype(np.float32)
+  out *= np.float32(2.0 / 255.0)
+  out -= np.float32(1.0)
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -225,11 +265,10 @@ def make_train_dataset(source, *, batch_size: int, seed: int, shard_index: int,
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if image_size is None:
     image_size = getattr(source, "image_size", None)
-  ds = grain.MapDataset.source(source).shuffle(seed=seed)
-  ds = _EpochShardDataset(ds, shard_index, shard_count, num_epochs)
-  ds = ds.map(_Decode(image_size, on_corrupt))
-  if flip:
-    ds = ds.random_map(_random_flip, seed=(seed * 1_000_003 + shard_index) % 2**32)
+  ds = _EpochShardDataset(grain.MapDataset.source(source), seed=seed, shard_index=shard_index,
+                          shard_count=shard_count, num_epochs=num_epochs)
+  flip_seed = (seed * 1_000_003 + shard_index) if flip else None
+  ds = ds.map_with_index(_DecodeFlip(image_size, on_corrupt, flip_seed))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=max(2 * batch_size, 16)))
   it_ds = _SkipBatchDataset(it_ds, batch_size)

@@ -1,0 +1,293 @@
+"""Data pipeline throughput against the training step's appetite.
+
+  python benchmarks/data_pipeline.py                       # loader + step tables
+  python benchmarks/data_pipeline.py --difficulty          # synthetic-data baselines too
+
+Loader: decoded, flipped, normalised 112x112 images per second from an
+insightface RecordIO folder (``RecordIOSource``) and from the same data as a
+TFDS ArrayRecord dataset (``tfds:insightface_rec``), with ``worker_count`` 0
+(decode threads in this process) and > 0 (grain worker processes). "per core"
+is images per CPU-second (user + system time of this process and its workers),
+so it does not depend on how many cores the machine lends. A plain PIL loop
+(decode + flip + normalise, one thread, no grain) is the reference.
+
+Step: images per second a jitted backbone forward + backward consumes at
+batch 32 (``x2jax.models``), to compare with the loader rate.
+
+Difficulty (``--difficulty``): on the synthetic 'small' config, raw-pixel
+nearest-class-mean and logistic-regression accuracy against a small CNN
+trained for a fixed time budget, closed-set and held-out verification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from x2jax.data import pipeline, recordio, sources, synthetic  # noqa: E402
+
+
+def _live_children_cpu(pid: int) -> float:
+  """user + system seconds of the live descendants of ``pid`` (Linux /proc)."""
+  total = 0.0
+  tick = os.sysconf("SC_CLK_TCK")
+  try:
+    tids = os.listdir(f"/proc/{pid}/task")
+  except FileNotFoundError:
+    return 0.0
+  for tid in tids:
+    try:
+      with open(f"/proc/{pid}/task/{tid}/children") as f:
+        kids = [int(k) for k in f.read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+      continue
+    for kid in kids:
+      try:
+        with open(f"/proc/{kid}/stat") as f:
+          fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick + _live_children_cpu(kid)
+      except (FileNotFoundError, ProcessLookupError, IndexError):
+        continue
+  return total
+
+
+def cpu_seconds() -> float:
+  """CPU seconds of this process (all threads) and its live worker processes."""
+  s = resource.getrusage(resource.RUSAGE_SELF)
+  return s.ru_utime + s.ru_stime + _live_children_cpu(os.getpid())
+
+
+def make_rec(directory: str, num_images: int) -> None:
+  """An insightface folder of 112x112 JPEGs (q95) from the synthetic 'large' config."""
+  per_id = 40
+  cfg = synthetic.get_config("large", num_identities=max(1, num_images // per_id),
+                             images_per_identity=per_id)
+  images, labels = synthetic.generate_train(cfg)
+  blobs = []
+  for im in images[:num_images]:
+    buf = io.BytesIO()
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    Image.fromarray(im).save(buf, format="JPEG", quality=95)
+    blobs.append(buf.getvalue())
+  recordio.write_insightface_rec(directory, blobs, labels[:num_images], image_size=(112, 112))
+
+
+def bench_plain_pil(src, num_images: int) -> tuple[float, float]:
+  """One thread: read bytes, PIL decode, flip, normalise. Returns (img/s, img per cpu-s)."""
+  rng = np.random.default_rng(0)
+  t0, c0 = time.perf_counter(), cpu_seconds()
+  for i in range(num_images):
+    img = recordio.decode_image(src[i % len(src)]["image"])
+    if rng.random() < 0.5:
+      img = img[:, ::-1]
+    pipeline.normalize(img)
+  wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+  return num_images / wall, num_images / cpu
+
+
+def bench_loader(src, *, batch_size: int, batches: int, worker_count: int,
+                 read_threads: int) -> tuple[float, float]:
+  it = pipeline.make_train_loader(src, batch_size=batch_size, seed=0, shard_index=0,
+                                  shard_count=1, worker_count=worker_count,
+                                  read_threads=read_threads)
+  for _ in range(2 + 2 * worker_count):  # warm-up (worker start-up, first reads)
+    next(it)
+  t0, c0 = time.perf_counter(), cpu_seconds()
+  for _ in range(batches):
+    b = next(it)
+    assert b["image"].shape == (batch_size, 112, 112, 3)
+  wall = time.perf_counter() - t0
+  cpu = cpu_seconds() - c0  # workers still alive: their time is read from /proc
+  it.close()
+  n = batch_size * batches
+  return n / wall, n / cpu
+
+
+def bench_step(name: str, image_size: int, batch_size: int, steps: int):
+  """Jitted forward + backward of a backbone (train mode). Returns (compile s, step s)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from x2jax import models  # pylint: disable=import-outside-toplevel
+
+  module, variables = models.create(name, embedding_size=512, image_size=image_size,
+                                    rng=jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (batch_size, image_size, image_size, 3))
+
+  def loss(params, batch_stats, x):
+    emb, upd = module.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                            mutable=["batch_stats"])
+    return jnp.mean(emb ** 2), upd
+
+  step = jax.jit(jax.grad(loss, has_aux=True))
+  t0 = time.perf_counter()
+  jax.block_until_ready(step(variables["params"], variables["batch_stats"], images))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(variables["params"], variables["batch_stats"], images))
+    times.append(time.perf_counter() - t0)
+  return compile_s, float(np.median(times))
+
+
+def difficulty(budget_s: float, num_identities: int) -> list[tuple[str, float, float]]:
+  """Raw-pixel baselines vs a small CNN on synthetic 'small' (closed-set acc, verification)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
+
+  cfg = synthetic.get_config("small", num_identities=num_identities,
+                             num_verification_pairs=2000)
+  x, y = synthetic.generate_train(cfg)
+  v, issame = synthetic.generate_verification(cfg)
+  k = cfg.images_per_identity
+  test = (np.arange(len(y)) % k) >= k - 4
+
+  def best_threshold_acc(f):
+    f = f - f.mean(0) if f.shape[1] > 1000 else f
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    sim = (f[0::2] * f[1::2]).sum(1)
+    return max(np.mean((sim > t) == issame) for t in np.unique(sim))
+
+  rows = []
+  xf = x.reshape(len(x), -1).astype(np.float32)
+  means = np.stack([xf[~test & (y == c)].mean(0) for c in range(num_identities)])
+  d2 = (xf[test] ** 2).sum(1)[:, None] - 2 * xf[test] @ means.T + (means ** 2).sum(1)[None]
+  raw_ver = best_threshold_acc(v.reshape(len(v), -1).astype(np.float32))
+  rows.append(("raw pixels, nearest class mean", float(np.mean(d2.argmin(1) == y[test])),
+               raw_ver))
+  clf = LogisticRegression(max_iter=300, C=0.01).fit(xf[~test] / 255.0, y[~test])
+  rows.append(("raw pixels, logistic regression", float(clf.score(xf[test] / 255.0, y[test])),
+               raw_ver))
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, z):
+      for c in (32, 64, 128):
+        z = nn.relu(nn.Conv(c, (3, 3))(z))
+        z = nn.relu(nn.Conv(c, (3, 3), strides=2)(z))
+      emb = nn.Dense(128)(z.reshape(z.shape[0], -1))
+      return emb, nn.Dense(num_identities)(nn.relu(emb))
+
+  net = Net()
+  xn = pipeline.normalize(x)
+  params = net.init(jax.random.key(0), xn[:2])
+  tx = optax.adam(1e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def train_step(params, opt, xb, yb):
+    def loss_fn(p):
+      return optax.softmax_cross_entropy_with_integer_labels(net.apply(p, xb)[1], yb).mean()
+    g = jax.grad(loss_fn)(params)
+    u, opt = tx.update(g, opt)
+    return optax.apply_updates(params, u), opt
+
+  rng = np.random.default_rng(0)
+  train_idx = np.flatnonzero(~test)
+  t0, epochs = time.perf_counter(), 0
+  while time.perf_counter() - t0 < budget_s:
+    perm = rng.permutation(train_idx)
+    for i in range(0, len(perm) - 127, 128):
+      b = perm[i:i + 128]
+      xb = xn[b].copy()
+      flip = rng.random(len(b)) < 0.5
+      xb[flip] = xb[flip][:, :, ::-1]
+      params, opt = train_step(params, opt, xb, y[b])
+    epochs += 1
+  apply = jax.jit(net.apply)
+  logits = np.concatenate([apply(params, xn[test][i:i + 512])[1]
+                           for i in range(0, int(test.sum()), 512)])
+  vn = pipeline.normalize(v)
+  emb = np.concatenate([np.asarray(apply(params, vn[i:i + 512])[0])
+                        + np.asarray(apply(params, vn[i:i + 512][:, :, ::-1])[0])
+                        for i in range(0, len(vn), 512)])
+  rows.append((f"small CNN, {budget_s:.0f} s of training ({epochs} epochs)",
+               float(np.mean(logits.argmax(1) == y[test])), best_threshold_acc(emb)))
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--images", type=int, default=2000, help="images in the benchmark .rec")
+  ap.add_argument("--batch-size", type=int, default=128)
+  ap.add_argument("--batches", type=int, default=10, help="timed batches per loader row")
+  ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+  ap.add_argument("--read-threads", type=int, default=2)
+  ap.add_argument("--step-models", default="r18_tiny@32,r18@112,r50@112",
+                  help="name@image_size list for the step table ('' to skip)")
+  ap.add_argument("--step-batch", type=int, default=32)
+  ap.add_argument("--difficulty", action="store_true")
+  ap.add_argument("--difficulty-ids", type=int, default=200)
+  ap.add_argument("--difficulty-budget", type=float, default=90.0)
+  args = ap.parse_args()
+
+  print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}")
+  with tempfile.TemporaryDirectory() as tmp:
+    rec_dir = os.path.join(tmp, "manual", "custom")
+    t0 = time.perf_counter()
+    make_rec(rec_dir, args.images)
+    print(f"# wrote {args.images} 112x112 JPEG records in {time.perf_counter() - t0:.1f} s")
+    rec_src = sources.RecordIOSource(rec_dir)
+    t0 = time.perf_counter()
+    tfds_src = sources.TfdsSource(
+        "insightface_rec/custom", data_dir=os.path.join(tmp, "tfds"),
+        download_and_prepare_kwargs={"download_config": __import__(
+            "tensorflow_datasets").download.DownloadConfig(
+                manual_dir=os.path.join(tmp, "manual"))})
+    print(f"# TFDS ArrayRecord prepare: {time.perf_counter() - t0:.1f} s")
+
+    print("\n| source | worker_count | images/s (wall) | images per CPU-second |")
+    print("|---|---|---|---|")
+    n_plain = min(1000, args.images)
+    rate, per_cpu = bench_plain_pil(rec_src, n_plain)
+    print(f"| RecordIO, plain PIL loop (no grain, 1 thread) | - | {rate:,.0f} | {per_cpu:,.0f} |")
+    loader_rates = []
+    for label, src in (("RecordIO (RecordIOSource)", rec_src),
+                       ("TFDS ArrayRecord (tfds:insightface_rec)", tfds_src)):
+      for w in args.workers:
+        rate, per_cpu = bench_loader(src, batch_size=args.batch_size, batches=args.batches,
+                                     worker_count=w, read_threads=args.read_threads)
+        loader_rates.append(per_cpu)
+        print(f"| {label} | {w} | {rate:,.0f} | {per_cpu:,.0f} |", flush=True)
+
+  if args.step_models:
+    print(f"\n| backbone fwd+bwd, batch {args.step_batch} (float32, CPU) | compile s | step s "
+          f"| images/s consumed | loader cores needed |")
+    print("|---|---|---|---|---|")
+    per_core = float(np.median(loader_rates))
+    for spec in args.step_models.split(","):
+      name, size = spec.split("@")
+      compile_s, step_s = bench_step(name, int(size), args.step_batch, steps=2)
+      consumed = args.step_batch / step_s
+      needed = f"{consumed / per_core:.3f}" if int(size) == 112 else "-"
+      print(f"| {name} @ {size}x{size} | {compile_s:.1f} | {step_s:.2f} | {consumed:,.1f} "
+            f"| {needed} |", flush=True)
+    print(f"\n# loader cores needed = images/s consumed / {per_core:,.0f} images per CPU-second "
+          "(median loader row; 112x112 rows only)")
+
+  if args.difficulty:
+    print(f"\n| synthetic 'small', {args.difficulty_ids} identities | closed-set accuracy "
+          f"(chance {1 / args.difficulty_ids:.3f}) | held-out verification accuracy "
+          "(best threshold) |")
+    print("|---|---|---|")
+    for label, acc, ver in difficulty(args.difficulty_budget, args.difficulty_ids):
+      print(f"| {label} | {acc:.3f} | {ver:.3f} |", flush=True)
+
+
+if __name__ == "__main__":  # grain worker processes are spawned: the guard is required
+  main()
