@@ -160,6 +160,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not names and not args.ijb:
         raise ValueError("nothing to evaluate: --sets is empty and no --ijb")
     sets = resolve_sets(names, args.data_dir)  # fail on missing files before loading the model
+    if args.ijb and not os.path.isdir(os.path.join(args.ijb, "meta")):
+        raise FileNotFoundError(f"IJB meta directory not found: {os.path.join(args.ijb, 'meta')} (--ijb ROOT)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
 

@@ -111,6 +111,11 @@ def test_checkpoint_of_another_architecture(workdir, tmp_path, edit, message):
         eval_cli.run(["--checkpoint", str(model)])
 
 
+def test_missing_ijb_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"IJB meta directory not found: .*nowhere[/\\]meta"):
+        eval_cli.run(["--checkpoint", str(tmp_path), "--sets", "", "--ijb", str(tmp_path / "nowhere")])
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         eval_cli.run(["--checkpoint", str(tmp_path / "nope")])
