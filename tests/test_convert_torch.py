@@ -136,11 +136,13 @@ def test_converter_layout_and_prefix():
 
 
 @pytest.mark.parametrize("mangle,match", [
-    (lambda sd: sd.pop("layer2.0.bn1.running_var"), r"1 missing key\(s\) \['layer2.0.bn1.running_var'\]"),
+    (lambda sd: sd.pop("layer2.0.bn1.running_var"),
+     r"1 missing key\(s\) \['layer2.0.bn1.running_var'\]"),
     (lambda sd: sd.update({"layer5.0.conv1.weight": np.zeros((1, 1, 1, 1), np.float32)}),
      r"1 unexpected key\(s\) \['layer5.0.conv1.weight'\]"),
     (lambda sd: sd.update({"layer1.0.conv1.weight": np.zeros((16, 16, 1, 3), np.float32)}),
-     r"state_dict\['layer1.0.conv1.weight'\] has shape \(16, 16, 1, 3\), expected \(16, 16, 3, 3\)"),
+     r"state_dict\['layer1.0.conv1.weight'\] has shape \(16, 16, 1, 3\), "
+     r"expected \(16, 16, 3, 3\)"),
     (lambda sd: sd.update({"features.weight": np.full(8, 2.0, np.float32)}),
      r"state_dict\['features.weight'\] must be ones"),
     (lambda sd: sd.update({"prelu.weight": np.zeros(16, np.int64)}), r"prelu.weight.*dtype int64"),

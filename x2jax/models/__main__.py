@@ -16,7 +16,9 @@ def table(embedding_size: int = 512) -> str:
         module = get_model(name, embedding_size=embedding_size, image_size=size)
         blocks = getattr(module, "layers", None) or getattr(module, "blocks")
         widths = getattr(module, "widths", None)
-        widths = "/".join(map(str, widths)) if widths else f"{64 * module.scale}/{128 * module.scale}"
+        if widths is None:  # MobileFaceNet: 64 * scale, then 128 * scale channels
+            widths = (64 * module.scale, 128 * module.scale)
+        widths = "/".join(map(str, widths))
         rows.append(f"| {name} | {tuple(blocks)} | {widths} | {size} | {embedding_size} | "
                     f"{count_params(module):,} |")
     return "\n".join(rows)

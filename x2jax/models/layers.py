@@ -170,7 +170,9 @@ class BatchNorm(nn.Module):
 
 
 class PReLU(nn.Module):
-    """Per-channel PReLU as torch ``nn.PReLU(C)``: ``y = x if x >= 0 else a_c * x``, a_c init 0.25."""
+    """Per-channel PReLU as torch ``nn.PReLU(C)``: ``y = x if x >= 0 else a_c * x``.
+
+    Param ``negative_slope`` (C,) float32, initialised to 0.25."""
 
     dtype: jnp.dtype = jnp.float32
     init_value: float = 0.25
