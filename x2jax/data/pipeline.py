@@ -87,7 +87,10 @@ class _EpochShardDataset(grain.MapDataset):
       with self._lock:
         perm = self._perms.get(epoch)
         if perm is None:
-          perm = np.random.default_rng([self._seed, epoch]).permutation(self._len_source)
+          # int32 halves the memory of 42M-image permutations; same order as permutation(L).
+          dtype = np.int32 if self._len_source < 2**31 else np.int64
+          perm = np.arange(self._len_source, dtype=dtype)
+          np.random.default_rng([self._seed, epoch]).shuffle(perm)
           self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
           self._perms[epoch] = perm
     return perm
