@@ -29,7 +29,33 @@ from typing import Any
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+from x2jax.models.registry import abstract_variables, get_model
+
+
+def model_description(config: ml_collections.ConfigDict, image_size: int) -> dict[str, Any]:
+    """What ``x2jax.models.get_model`` needs to rebuild the backbone (stored in checkpoints)."""
+    m = config.model
+    description = {
+        "arch": m.name,
+        "embedding_size": int(m.embedding_size),
+        "image_size": int(image_size),
+        "dtype": m.dtype,
+        "conv_impl": m.conv_impl,
+        "dropout": float(m.dropout),
+    }
+    for key in ("layers", "widths"):
+        if m[key]:
+            description[key] = [int(v) for v in m[key]]
+    return description
+
+
+def build_model(description: dict[str, Any]):
+    """The backbone module of a :func:`model_description`."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in description.items() if k != "arch"}
+    return get_model(description["arch"], **kwargs)
 
 
 class Checkpointer:
@@ -100,7 +126,7 @@ def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> tup
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     manager = ocp.CheckpointManager(
         directory.absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        options=ocp.CheckpointManagerOptions(create=False),
         item_handlers={"meta": ocp.JsonCheckpointHandler()},
     )
     step = manager.latest_step() if step is None else step
@@ -120,7 +146,7 @@ def restore_backbone(checkpoint_dir: str | os.PathLike, abstract_variables: Any,
     directory = Path(checkpoint_dir).absolute()
     manager = ocp.CheckpointManager(
         directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        options=ocp.CheckpointManagerOptions(create=False),
         item_handlers={"state": ocp.PyTreeCheckpointHandler()},
     )
     step = manager.latest_step() if step is None else step
@@ -169,3 +195,28 @@ class PreemptionWatcher:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def load_backbone(path: str | os.PathLike, step: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """``(module, variables, info)`` of a training run's backbone (latest step by default).
+
+    ``path`` is a run's workdir or its ``checkpoints`` directory. Variables land on
+    the default device; W and the optimizer state are not read. ``info`` is the
+    model description plus ``format``, ``step``, ``num_classes`` and, for runs on
+    synthetic data, ``synthetic`` (the data config that names the held-out set).
+    """
+    path = Path(path)
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    step, meta = read_meta(directory, step)
+    module = build_model(meta["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_variables(module)
+    )
+    step, variables = restore_backbone(directory, abstract, step)
+    info = dict(meta["model"], format="train_checkpoint", step=step, num_classes=meta["num_classes"],
+                path=str(directory))
+    data = meta["config"]["data"]
+    if data["name"] == "synthetic":
+        info["synthetic"] = {k: data[k] for k in ("variant", "num_identities", "images_per_identity", "image_size")}
+    return module, variables, info

@@ -24,12 +24,11 @@ import numpy as np
 
 from x2jax.evaluation.verification import embed_images, verification_accuracy
 from x2jax.models.io import save_model
-from x2jax.models.registry import get_model
 from x2jax.parallel.mesh import initialize_distributed, make_mesh, mesh_axis_size
 from x2jax.parallel.sharding import ShardingRules, host_local_to_global
 from x2jax.train import config as config_lib
 from x2jax.train import inputs
-from x2jax.train.checkpointing import Checkpointer, PreemptionWatcher
+from x2jax.train.checkpointing import Checkpointer, PreemptionWatcher, build_model, model_description
 from x2jax.train.metrics import MetricWriter, Progress, format_duration
 from x2jax.train.optimizer import make_optimizer, make_schedule
 from x2jax.train.state import make_state_factory
@@ -60,28 +59,6 @@ def setup_compilation_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def model_description(config: ml_collections.ConfigDict, image_size: int) -> dict[str, Any]:
-    """What ``x2jax.models.get_model`` needs to rebuild the backbone (stored in checkpoints)."""
-    m = config.model
-    description = {
-        "arch": m.name,
-        "embedding_size": int(m.embedding_size),
-        "image_size": int(image_size),
-        "dtype": m.dtype,
-        "conv_impl": m.conv_impl,
-        "dropout": float(m.dropout),
-    }
-    for key in ("layers", "widths"):
-        if m[key]:
-            description[key] = [int(v) for v in m[key]]
-    return description
-
-
-def build_model(description: dict[str, Any]):
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in description.items() if k != "arch"}
-    return get_model(description["arch"], **kwargs)
 
 
 def _check_step_metrics(config, step: int, m: dict[str, float]) -> None:
@@ -209,6 +186,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     summary: dict[str, Any] = {"start_step": step, "total_steps": total_steps, "preempted": False}
     t_start = time.perf_counter()
     first_step_time = None
+    if step == 0 and config.eval.every_steps and eval_sets:  # the baseline of the accuracy curve
+        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+        results = run_verification(eval_apply, variables, eval_sets, batch_size=config.eval.batch_size, mesh=mesh)
+        _report_eval(0, results, best, writer, workdir, variables, description, summary, track_best=False)
     try:
         while step < total_steps:
             batch = next(iterator)
@@ -271,7 +252,7 @@ def _read_best(workdir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _report_eval(step, results, best, writer, workdir, variables, description, summary):
+def _report_eval(step, results, best, writer, workdir, variables, description, summary, track_best=True):
     mean_acc = float(np.mean([r["accuracy"] for r in results.values()]))
     for name, r in results.items():
         writer.write(step, f"eval/{name}", {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"],
@@ -280,7 +261,7 @@ def _report_eval(step, results, best, writer, workdir, variables, description, s
              f"{100 * r['accuracy_std']:.2f} %, VAL@FAR=1e-3 {100 * r['val']:.2f} %")
     summary["eval"] = {name: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "val": r["val"]}
                        for name, r in results.items()}
-    if mean_acc > best.get("accuracy", -1.0):
+    if track_best and mean_acc > best.get("accuracy", -1.0):
         best = {"step": step, "accuracy": mean_acc, "sets": summary["eval"]}
         if jax.process_index() == 0:
             target = workdir / "best_model"

@@ -127,7 +127,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
-            "grad_norm": optax.global_norm(grads["backbone"]),
+            "grad_norm": optax.tree.norm(grads["backbone"]),
             "skipped": (~ok).astype(jnp.int32),
             "nonfinite": (~(grads_finite & jnp.isfinite(loss))).astype(jnp.int32),
             "bad_labels": bad_labels,

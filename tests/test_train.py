@@ -1,0 +1,304 @@
+"""train.py / x2jax.train: resume, preemption, re-meshing, non-finite steps, config errors, optimizer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from x2jax.train import config as config_lib
+from x2jax.train.checkpointing import Checkpointer, build_model, load_backbone
+from x2jax.train.loop import BadLabelError, NonFiniteLossError, train
+from x2jax.train.optimizer import make_optimizer, make_schedule
+from x2jax.train.state import is_sharded_like, make_state_factory
+from x2jax.parallel.mesh import make_mesh
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(tmp_cache, **overrides) -> ml_collections.ConfigDict:
+    """A few-second run: 48 synthetic identities at 16x16, a 4-block IResNet."""
+    c = config_lib.load_config(ROOT / "configs" / "synthetic_tiny_x2softmax.py")
+    c.data.num_identities, c.data.images_per_identity, c.data.image_size = 48, 8, 16
+    c.data.batch_size = 32
+    c.model.layers, c.model.widths, c.model.embedding_size = (1, 1, 1, 1), (8, 8, 16, 16), 32
+    c.num_steps = 8
+    c.schedule.warmup_steps = 2
+    c.log_every_steps = 1
+    c.checkpoint.every_steps = 4
+    c.checkpoint.async_save = True
+    c.eval.every_steps = 0
+    c.eval.sets = ""
+    c.compilation_cache_dir = str(tmp_cache)
+    config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
+    return c
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One persistent compilation cache for the session: identical steps compile once."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _final_state_arrays(workdir: Path, step: int) -> dict:
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(workdir / "checkpoints" / str(step) / "state")
+    return jax.tree.map(np.asarray, tree)
+
+
+def _assert_trees_bitwise_equal(a, b):
+    flat_a, tree_a = jax.tree.flatten(a)
+    flat_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(flat_a, flat_b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(x, y), "leaves differ"
+
+
+# ---------------------------------------------------------------------------
+# resume after SIGTERM == uninterrupted, bitwise
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path, cache_dir):
+    k = 4
+    straight = tmp_path / "straight"
+    out = train(tiny_config(cache_dir, num_steps=2 * k), straight)
+    assert out["step"] == 2 * k and not out["preempted"]
+
+    interrupted = tmp_path / "interrupted"
+    # checkpoint interval 3 does not fall on step k: the SIGTERM save is its own
+    first = train(tiny_config(cache_dir, num_steps=2 * k, **{"debug.sigterm_at_step": k, "checkpoint.every_steps": 3}), interrupted)
+    assert first["preempted"] and first["step"] == k
+    assert Checkpointer(interrupted / "checkpoints", every_steps=3, keep=3).latest_step() == k
+    second = train(tiny_config(cache_dir, num_steps=2 * k, **{"checkpoint.every_steps": 3}), interrupted)
+    assert second["start_step"] == k and second["step"] == 2 * k
+
+    a = _final_state_arrays(straight, 2 * k)
+    b = _final_state_arrays(interrupted, 2 * k)
+    _assert_trees_bitwise_equal(a, b)
+    # and training did move the parameters
+    init = _final_state_arrays(interrupted, k)
+    assert not np.array_equal(init["params"]["head"]["weight"], b["params"]["head"]["weight"])
+
+
+@pytest.mark.slow
+def test_train_py_cli_exits_cleanly_on_sigterm_and_resumes(tmp_path, cache_dir):
+    """The real script in a subprocess: SIGTERM -> checkpoint, exit 0; rerun -> resumes."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    args = [
+        sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path / "run"),
+        "--config.data.num_identities=48", "--config.data.images_per_identity=8", "--config.data.image_size=16",
+        "--config.data.batch_size=32", "--config.model.layers=(1,1,1,1)", "--config.model.widths=(8,8,16,16)",
+        "--config.model.embedding_size=32", "--config.num_steps=6", "--config.eval.sets=",
+        "--config.checkpoint.every_steps=100", f"--config.compilation_cache_dir={cache_dir}",
+        "--config.log_every_steps=1", "--config.schedule.warmup_steps=2",
+    ]
+    first = subprocess.run(args + ["--config.debug.sigterm_at_step=3"], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "SIGTERM received: saved step 3" in first.stdout
+    second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 3" in second.stdout and "done: 6 steps" in second.stdout
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+# ---------------------------------------------------------------------------
+# save on 8 devices, restore on 4 and 1
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_save_on_8_devices_restore_on_4_and_1(tmp_path, cache_dir):
+    cfg = tiny_config(cache_dir, num_steps=4)
+    train(cfg, tmp_path)
+    model = build_model(json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())["model"])
+    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, 4))
+    from x2jax.train.inputs import open_train_data
+
+    data = open_train_data(cfg.data, seed=0)
+
+    def restore_on(n):
+        mesh = make_mesh(devices=jax.devices()[:n])
+        _, shardings, abstract = make_state_factory(model=model, tx=tx, mesh=mesh, num_classes=48, loss_name="x2_softmax")
+        ckpt = Checkpointer(tmp_path / "checkpoints", every_steps=4, keep=3)
+        it = data.make_iterator(batch_size=32, shard_index=0, shard_count=1)
+        state, _, meta = ckpt.restore(4, abstract, it)
+        ckpt.close()
+        assert meta["mesh"] == {"data": 8, "model": 1}
+        assert is_sharded_like(state, shardings)
+        assert len(state.params["head"]["weight"].sharding.device_set) == n
+        return jax.tree.map(np.asarray, state)
+
+    saved = restore_on(8)
+    assert saved.params["head"]["weight"].shape[0] == 128  # 48 classes padded to lcm(128, 8)
+    for n in (4, 1):
+        _assert_trees_bitwise_equal(restore_on(n), saved)
+
+    # and the run goes on, on 4 devices, from the 8-device checkpoint
+    out = train(tiny_config(cache_dir, num_steps=6, **{"mesh.num_devices": 4}), tmp_path)
+    assert out["start_step"] == 4 and out["step"] == 6 and np.isfinite(out["loss"])
+
+
+# ---------------------------------------------------------------------------
+# learning: loss falls, verification accuracy rises (X2-Softmax and ArcFace)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["x2_softmax", "arcface"])
+def test_loss_decreases_and_verification_rises(tmp_path, cache_dir, loss):
+    cfg = tiny_config(cache_dir, num_steps=60, **{"log_every_steps": 10, "eval.every_steps": 60, "eval.sets": "synthetic", "eval.batch_size": 256})
+    config_lib.set_loss(cfg, loss)
+    cfg.data.num_identities, cfg.data.images_per_identity, cfg.data.image_size = 100, 16, 16
+    cfg.schedule.lr = 0.1
+    out = train(cfg, tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval/synthetic"]
+    assert train_losses[-1] < 0.8 * train_losses[0], train_losses
+    assert [e["step"] for e in evals] == [0, 60]
+    assert evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.05, evals
+    assert out["best"]["step"] == 60
+    # the best model is exported and loads back with the same embeddings function
+    assert (tmp_path / "best_model" / "model.json").is_file()
+
+
+# ---------------------------------------------------------------------------
+# non-finite loss / bad labels / config errors
+# ---------------------------------------------------------------------------
+
+
+def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, cache_dir):
+    cfg = tiny_config(cache_dir, num_steps=8, **{"debug.nan_at_step": 6, "checkpoint.every_steps": 4})
+    with pytest.raises(NonFiniteLossError, match="step 6: non-finite"):
+        train(cfg, tmp_path)
+    ckpt = Checkpointer(tmp_path / "checkpoints", every_steps=4, keep=3)
+    assert ckpt.latest_step() == 4  # the last save before the bad step, finished and intact
+    ckpt.close()
+    state = _final_state_arrays(tmp_path, 4)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state) if x.dtype.kind == "f")
+
+
+def test_nan_skip_policy_leaves_params_unchanged_for_that_step(tmp_path, cache_dir):
+    cfg = tiny_config(cache_dir, num_steps=3, **{"debug.nan_at_step": 3, "on_nonfinite": "skip", "checkpoint.every_steps": 1})
+    out = train(cfg, tmp_path)
+    assert out["step"] == 3
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records if r["split"] == "train"] == [0, 0, 1]
+    s2, s3 = _final_state_arrays(tmp_path, 2), _final_state_arrays(tmp_path, 3)
+    _assert_trees_bitwise_equal(s2["params"], s3["params"])
+    _assert_trees_bitwise_equal(s2["opt_state"], s3["opt_state"])
+    assert int(s3["step"]) == 3
+
+
+def test_out_of_range_label_in_a_batch_stops_naming_the_step(tmp_path, cache_dir):
+    cfg = tiny_config(cache_dir, num_steps=4, **{"debug.bad_label_at_step": 2})
+    with pytest.raises(BadLabelError, match=r"step 2: 1 label\(s\) outside \[0, num_classes\)"):
+        train(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        ({"data.batch_size": 12}, "data.batch_size=12 is not divisible by the 8 devices"),
+        ({"data.name": "insightface_rec"}, "data.path is required"),
+        ({"data.name": "insightface_rec", "data.path": "/nonexistent/ms1mv3"}, "data.path '/nonexistent/ms1mv3' does not exist"),
+        ({"loss.params.margin": 0.5}, r"loss.params \['margin'\] not accepted by x2_softmax"),
+        ({"model.name": "r1000"}, "model.name 'r1000' unknown"),
+        ({"num_epochs": 2.0}, "set exactly one of num_steps"),
+        ({"eval.sets": "lfw"}, "eval set 'lfw'.*lfw.bin not found"),
+    ],
+)
+def test_bad_config_is_a_clear_error_before_any_compile(tmp_path, cache_dir, overrides, error):
+    cfg = tiny_config(cache_dir, **overrides)
+    with pytest.raises(ValueError, match=error):
+        train(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_config_key_is_an_error_naming_the_known_keys(cache_dir):
+    with pytest.raises(ValueError, match=r"unknown config key 'optimizer.lrr'.*known: accumulate_steps"):
+        tiny_config(cache_dir, **{"optimizer.lrr": 0.1})
+    with pytest.raises(ValueError, match="expected int"):
+        tiny_config(cache_dir, **{"num_steps": "ten"})
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config.nope=1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "unknown config key 'nope'" in out.stderr
+
+
+def test_half_written_checkpoint_is_not_taken_as_latest(tmp_path, cache_dir):
+    train(tiny_config(cache_dir, num_steps=4), tmp_path)
+    # what an interrupted Orbax save leaves: a temporary directory for a later step
+    junk = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000000000"
+    (junk / "state").mkdir(parents=True)
+    (junk / "state" / "partial").write_bytes(b"\0" * 10)
+    ckpt = Checkpointer(tmp_path / "checkpoints", every_steps=4, keep=3)
+    assert ckpt.latest_step() == 4
+    ckpt.close()
+    out = train(tiny_config(cache_dir, num_steps=5), tmp_path)
+    assert out["start_step"] == 4 and out["step"] == 5
+
+
+def test_eval_loader_reads_the_backbone_of_a_train_checkpoint(tmp_path, cache_dir):
+    train(tiny_config(cache_dir, num_steps=4), tmp_path)
+    module, variables, info = load_backbone(tmp_path)
+    state = _final_state_arrays(tmp_path, 4)
+    _assert_trees_bitwise_equal(jax.tree.map(np.asarray, variables["params"]), state["params"]["backbone"])
+    assert info["arch"] == "r18_tiny" and info["image_size"] == 16 and info["step"] == 4
+    emb = module.apply(variables, jnp.zeros((2, 16, 16, 3)), train=False)
+    assert emb.shape == (2, 32) and emb.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------
+# optimizer and schedules against references
+# ---------------------------------------------------------------------------
+
+
+def test_schedules_match_closed_forms():
+    c = ml_collections.ConfigDict(dict(name="step", lr=0.1, warmup_steps=10, boundaries=(0.5, 0.75), decay_factor=0.1, power=2.0, end_lr=0.0))
+    s = make_schedule(c, 100)
+    assert float(s(0)) == 0.0 and abs(float(s(5)) - 0.05) < 1e-7
+    assert abs(float(s(49)) - 0.1) < 1e-7 and abs(float(s(50)) - 0.01) < 1e-8 and abs(float(s(80)) - 0.001) < 1e-9
+    c.name = "polynomial"
+    s = make_schedule(c, 100)
+    np.testing.assert_allclose(float(s(55)), 0.1 * (1 - 45 / 90) ** 2, rtol=1e-6)
+    c.name = "cosine"
+    s = make_schedule(c, 100)
+    np.testing.assert_allclose(float(s(55)), 0.05 * (1 + np.cos(np.pi * 45 / 90)), rtol=1e-5)
+    c.warmup_steps = 100
+    with pytest.raises(ValueError, match="warmup_steps=100"):
+        make_schedule(c, 100)
+
+
+@pytest.mark.torch
+def test_sgd_with_weight_decay_and_clipping_matches_torch():
+    torch = pytest.importorskip("torch")
+    cfg = ml_collections.ConfigDict(dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, accumulate_steps=1))
+    tx = make_optimizer(cfg, optax.constant_schedule(0.1))
+    rng = np.random.default_rng(0)
+    params = {"backbone": {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}, "head": {"weight": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}}
+    tb = torch.tensor(np.asarray(params["backbone"]["w"]), requires_grad=True)
+    th = torch.tensor(np.asarray(params["head"]["weight"]), requires_grad=True)
+    topt = torch.optim.SGD([tb, th], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    state = tx.init(params)
+    for _ in range(3):
+        gb, gh = rng.normal(size=(5, 3)) * 3, rng.normal(size=(4, 3))
+        grads = {"backbone": {"w": jnp.asarray(gb, jnp.float32)}, "head": {"weight": jnp.asarray(gh, jnp.float32)}}
+        updates, state = tx.update(grads, state, params, row_mask=None)
+        params = optax.apply_updates(params, updates)
+        tb.grad, th.grad = torch.tensor(gb, dtype=torch.float32), torch.tensor(gh, dtype=torch.float32)
+        torch.nn.utils.clip_grad_norm_([tb], 1.0)  # the backbone only, as the official code
+        topt.step()
+    np.testing.assert_allclose(np.asarray(params["backbone"]["w"]), tb.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(params["head"]["weight"]), th.detach().numpy(), rtol=1e-5, atol=1e-6)
