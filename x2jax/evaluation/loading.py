@@ -64,23 +64,21 @@ def load_saved_model(path: str | os.PathLike, **overrides: Any) -> tuple[ApplyFn
 
 
 def load_train_checkpoint(path: str | os.PathLike, **overrides: Any) -> tuple[ApplyFn, Any, dict[str, Any]]:
-    """HOOK for the training code: load a ``train.py`` checkpoint directory.
+    """A ``train.py`` run directory (or its ``checkpoints`` directory): the latest step's backbone.
 
-    To be implemented with the train checkpoint layout (x2jax/train): restore the
-    backbone ``{'params', 'batch_stats'}`` of the chosen step (latest by default),
-    build the module from the run's model config, and return
-    ``(functools.partial(module.apply, train=False), variables, info)`` with
-    ``info`` holding at least ``arch``, ``embedding_size`` and ``image_size``
-    (and ``"format": "train_checkpoint"``). For a run on synthetic data also put
-    ``info["synthetic"] = {"variant": data.variant, <non-default SyntheticConfig
-    fields, e.g. num_identities>}``: eval.py then evaluates the held-out identities
-    of that run by default. Use :func:`check_saved_shapes` to turn
-    a shape mismatch into an error that names the architecture.
+    The model is rebuilt from the description stored in the checkpoint; ``info``
+    carries ``format="train_checkpoint"``, ``step``, and for synthetic runs the
+    ``synthetic`` data settings, so the held-out set is the one the run evaluated.
     """
-    raise NotImplementedError(
-        f"{path} is not a saved model directory (no {MODEL_JSON}); reading train.py checkpoints "
-        "is not wired up yet (x2jax.evaluation.loading.load_train_checkpoint)"
-    )
+    from x2jax.train.checkpointing import load_backbone
+
+    path = Path(path)
+    if not (path / "checkpoints").is_dir() and not any(p.name.isdigit() for p in path.iterdir()):
+        raise FileNotFoundError(
+            f"{path} is neither a saved model (no {MODEL_JSON}) nor a train.py run directory (no checkpoints/)"
+        )
+    module, variables, info = load_backbone(path, **overrides)
+    return functools.partial(module.apply, train=False), variables, info
 
 
 def _describe(info: dict[str, Any]) -> str:

@@ -197,18 +197,22 @@ class PreemptionWatcher:
         self._previous.clear()
 
 
-def load_backbone(path: str | os.PathLike, step: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
+def load_backbone(path: str | os.PathLike, step: int | None = None, **overrides: Any) -> tuple[Any, Any, dict[str, Any]]:
     """``(module, variables, info)`` of a training run's backbone (latest step by default).
 
     ``path`` is a run's workdir or its ``checkpoints`` directory. Variables land on
     the default device; W and the optimizer state are not read. ``info`` is the
     model description plus ``format``, ``step``, ``num_classes`` and, for runs on
     synthetic data, ``synthetic`` (the data config that names the held-out set).
+    ``overrides`` change runtime fields of the model (``dtype``, ``conv_impl``).
     """
     path = Path(path)
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     step, meta = read_meta(directory, step)
-    module = build_model(meta["model"])
+    bad = set(overrides) - {"dtype", "conv_impl"}
+    if bad:
+        raise ValueError(f"load_backbone can override only dtype and conv_impl, got {sorted(bad)}")
+    module = build_model(dict(meta["model"], **overrides))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_variables(module)
@@ -218,5 +222,6 @@ def load_backbone(path: str | os.PathLike, step: int | None = None) -> tuple[Any
                 path=str(directory))
     data = meta["config"]["data"]
     if data["name"] == "synthetic":
-        info["synthetic"] = {k: data[k] for k in ("variant", "num_identities", "images_per_identity", "image_size")}
+        info["synthetic"] = {"variant": data["variant"]}
+        info["synthetic"].update({k: data[k] for k in ("num_identities", "images_per_identity", "image_size") if data[k]})
     return module, variables, info
