@@ -77,10 +77,12 @@ def _compiled_step(num_classes, rate, args):
     st = jax.eval_shape(init_opt, w)
     e = jax.ShapeDtypeStruct((args.batch, args.dim), jnp.float32, sharding=batch_sharding(mesh))
     y = jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=batch_sharding(mesh))
+    t = time.perf_counter()
     compiled = step.lower(w, st, e, y, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes
-    return mesh, rows, step, init_opt, compiled, peak
+    return mesh, rows, compiled, init_opt, compile_s, peak
 
 
 def _time_peer(num_classes, args, e, y):
@@ -119,36 +121,40 @@ def worker(args):
 
     from x2jax.parallel import init_class_centers
 
+    from x2jax.parallel import batch_sharding, replicated
+
     n = jax.device_count()
     rng = np.random.default_rng(0)
-    e = rng.normal(size=(args.batch, args.dim)).astype(np.float32)
+    e_host = rng.normal(size=(args.batch, args.dim)).astype(np.float32)
     for num_classes, rate in _parse_cases(args.cases):
-        mesh, rows, step, init_opt, _, peak = _compiled_step(num_classes, rate, args)
-        y = rng.integers(0, num_classes, args.batch).astype(np.int32)
+        mesh, rows, step, init_opt, compile_s, peak = _compiled_step(num_classes, rate, args)
+        y_host = rng.integers(0, num_classes, args.batch).astype(np.int32)
+        e, y = jax.device_put((e_host, y_host), batch_sharding(mesh))
+        keys = [jax.device_put(jax.random.key(i), replicated(mesh)) for i in range(args.steps + 1)]
         w = init_class_centers(jax.random.key(0), num_classes, args.dim, mesh)
         st = init_opt(w)
         shard_bytes = w.addressable_shards[0].data.nbytes
         opt_bytes = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(st)
                         if leaf.ndim)
         t0 = time.perf_counter()
-        out = step(w, st, e, y, jax.random.key(1))
+        out = step(w, st, e, y, keys[0])
         jax.block_until_ready(out.weight)
         first = time.perf_counter() - t0
         times = []
         for i in range(args.steps):
             t = time.perf_counter()
-            out = step(out.weight, out.opt_state, e, y, jax.random.key(2 + i))
+            out = step(out.weight, out.opt_state, e, y, keys[i + 1])
             jax.block_until_ready(out.weight)
             times.append(time.perf_counter() - t)
         loss = float(out.loss)
         del w, st, out
         peer = None
         if n == 1 and rate == 1.0 and args.peer:
-            peer = _time_peer(num_classes, args, e, y)
+            peer = _time_peer(num_classes, args, e_host, y_host)
         print(json.dumps(dict(
             devices=n, classes=num_classes, rows=rows, sample_rate=rate,
             state_bytes_per_device=2 * shard_bytes + opt_bytes, xla_peak_per_device=peak,
-            first_step_s=first, step_s=statistics.median(times), peer_step_s=peer, loss=loss,
+            compile_s=compile_s, first_step_s=first, step_s=statistics.median(times), peer_step_s=peer, loss=loss,
             maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)), flush=True)
 
 
@@ -181,13 +187,16 @@ def verify_worker(args):
     c, rate = args.verify_classes, args.verify_rate
     mesh, rows, step, init_opt, _, peak = _compiled_step(c, rate, args)
     n = jax.device_count()
+    from x2jax.parallel import batch_sharding, replicated
+
     rng = np.random.default_rng(0)
     e = rng.normal(size=(args.batch, args.dim)).astype(np.float32)
     y = rng.integers(0, c, args.batch).astype(np.int32)
+    e, y = jax.device_put((e, y), batch_sharding(mesh))
     w = init_class_centers(jax.random.key(0), c, args.dim, mesh)
     st = init_opt(w)
     t = time.perf_counter()
-    out = step(w, st, e, y, jax.random.key(1))
+    out = step(w, st, e, y, jax.device_put(jax.random.key(1), replicated(mesh)))
     jax.block_until_ready(out.weight)
     print(json.dumps(dict(devices=n, classes=c, sample_rate=rate, predicted_peak=peak * n,
                           step_s=time.perf_counter() - t, loss=float(out.loss),
@@ -236,7 +245,7 @@ def main(argv=None):
     p.add_argument("--host-gib", type=float, default=24.0)
     p.add_argument("--reserve-gib", type=float, default=2.0,
                    help="host memory kept for the OS, Python and the XLA runtime")
-    p.add_argument("--headroom-gib", type=float, default=3.0,
+    p.add_argument("--headroom-gib", type=float, default=6.0,
                    help="--verify leaves this much of the memory available now unused")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="table", help=argparse.SUPPRESS)
@@ -251,8 +260,8 @@ def main(argv=None):
     print(f"# head scaling: batch {args.batch}, D {args.dim}, x2_softmax, SGD momentum 0.9 + wd 5e-4, "
           f"median of {args.steps} steps, float32")
     print("| devices | classes C | sample rate | W+grad+opt / device | XLA peak / device "
-          "| compile+1st step s | step s | plain margin_loss step s | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| process peak RSS | compile s | 1st step s | step s | plain margin_loss step s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.devices:
         for r in _run(args, n, "table"):
             peer = r["peer_step_s"]
@@ -260,7 +269,8 @@ def main(argv=None):
             ratio = "" if peer is None else f"{peer / r['step_s']:.2f}x"
             print(f"| {r['devices']} | {r['classes']:,} | {r['sample_rate']:g} "
                   f"| {r['state_bytes_per_device'] / GiB:.3f} GiB "
-                  f"| {r['xla_peak_per_device'] / GiB:.3f} GiB | {r['first_step_s']:.1f} "
+                  f"| {r['xla_peak_per_device'] / GiB:.3f} GiB | {r['maxrss'] / GiB:.2f} GiB "
+                  f"| {r['compile_s']:.1f} | {r['first_step_s']:.1f} "
                   f"| {r['step_s']:.2f} | {peer_s} | {ratio} |", flush=True)
     if args.max_classes or args.verify:
         fits = {}

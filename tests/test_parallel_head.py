@@ -94,6 +94,22 @@ def test_two_axis_mesh_equals_single_device():
     np.testing.assert_allclose(np.asarray(gw)[:61], ref_gw, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss_name,params", [
+    ("curricularface", {"t": np.float32(0.3)}),  # non-target logits depend on cos_y
+    ("adaface", {"batch_mean": np.float32(4.0), "batch_std": np.float32(1.0)}),  # uses norms
+    ("elasticface", {"rng": jax.random.key(4)}),  # per-sample random margin
+])
+def test_peer_losses_with_state_or_rng_equal_single_device(mesh, loss_name, params):
+    e, w, y = _data(61, seed=9)
+    e[:4] *= 30.0  # spread the embedding norms (AdaFace)
+    fn = losses.get(loss_name)
+    ref, ref_gw = jax.value_and_grad(losses.margin_loss, argnums=1)(e, w, y, fn, **params)
+    out, gw = jax.jit(jax.value_and_grad(lambda w, p: sharded_margin_loss(
+        e, w, y, margin_fn=fn, mesh=mesh, num_classes=61, **p)))(_pad(w, 64), params)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw)[:61], ref_gw, rtol=1e-5, atol=1e-5)
+
+
 _COLLECTIVE = re.compile(
     r"=\s*(?P<type>.+?)\s+(?P<op>all-gather|all-reduce|all-to-all|collective-permute|"
     r"reduce-scatter|collective-broadcast)(-start)?\(")
@@ -143,12 +159,19 @@ def test_train_step_keeps_w_grad_and_momentum_sharded_and_never_gathers_w(mesh):
     assert max(n for _, n in forced) == rows * D
 
 
-def test_init_class_centers(mesh):
+def test_init_class_centers(mesh, monkeypatch):
+    from x2jax.parallel import head as head_lib
+
+    monkeypatch.setattr(head_lib, "INIT_CHUNK_ROWS", 100)  # 126 rows/shard: 2 chunks, overlapping
     w = init_class_centers(jax.random.key(0), 1001, 64, mesh)
     assert w.shape == (1008, 64) and _shard_shapes(w) == {(126, 64)}
     w = np.asarray(w)
     np.testing.assert_array_equal(w[1001:], 0.0)
     assert abs(w[:1001].std() - 0.01) < 0.0005 and abs(w[:1001].mean()) < 0.0005
+    assert (np.abs(w[:1001]).max(axis=1) > 0).all()  # every real row written
+    # Row i depends only on (key, i): the same matrix on one device.
+    one = init_class_centers(jax.random.key(0), 1001, 64, make_mesh(devices=jax.devices()[:1]))
+    np.testing.assert_array_equal(np.asarray(one), w[:1001])
 
 
 def test_sample_rate_one_is_the_full_head_and_full_sample_is_identical(mesh):

@@ -51,6 +51,13 @@ from x2jax.parallel.sharding import (
     DEFAULT_RULES, ShardingRules, class_centers_sharding, num_class_shards)
 
 Array = jax.Array
+INIT_CHUNK_ROWS = 16384
+# Margin functions whose non-target logits depend on the target cosine
+# (CurricularFace's hard negatives). The head appends cos_y to their cosine
+# block as the target column; every other function gets its block with label
+# -1 ("no target here", see x2jax.losses) and a separate (B, 1) call for the
+# target logit, which saves a copy of the (B, C_local) block.
+TARGET_DEPENDENT_NON_TARGETS = frozenset({losses.curricularface})
 
 
 class HeadAux(NamedTuple):
@@ -101,17 +108,44 @@ def init_class_centers(
 ) -> Array:
     """W ~ N(0, std^2), shape (pad_num_classes(C, shards), D), created sharded.
 
-    Padded rows are zero (and stay masked in the loss). Created inside ``jit``
-    with ``out_shardings``: no device ever materialises the full matrix.
+    Row ``i`` is ``std * normal(fold_in(rng, i), (D,))``: the same W for any
+    mesh. Padded rows are zero (and stay masked in the loss). Each shard
+    generates its own rows in chunks of ``INIT_CHUNK_ROWS`` (no device ever
+    materialises the full matrix, and the random-bit temporaries stay small).
     """
-    padded = pad_num_classes(num_classes, num_class_shards(mesh, rules))
+    rows_per_shard = pad_num_classes(num_classes, num_class_shards(mesh, rules))
+    n_shards = num_class_shards(mesh, rules)
+    padded, num_local = rows_per_shard, rows_per_shard // n_shards
+    class_axes = _axes(rules.classes)
 
-    def init(key):
-        w = std * jax.random.normal(key, (padded, embedding_size), dtype)
-        real = jnp.arange(padded) < num_classes
-        return jnp.where(real[:, None], w, 0).astype(dtype)
+    def row(key, i):
+        w = std * jax.random.normal(jax.random.fold_in(key, i), (embedding_size,), dtype)
+        return jnp.where(i < num_classes, w, 0).astype(dtype)
 
-    return jax.jit(init, out_shardings=class_centers_sharding(mesh, rules))(rng)
+    chunk = min(num_local, INIT_CHUNK_ROWS)
+    num_chunks = -(-num_local // chunk)
+
+    def local_init(key):
+        shard = jax.lax.axis_index(class_axes) if class_axes else 0
+
+        def fill(j, w):
+            # The last chunk is shifted back to end at num_local; rows it
+            # rewrites get the same values (they depend only on the row index).
+            begin = jnp.minimum(j * chunk, num_local - chunk)
+            rows = shard * num_local + begin + jnp.arange(chunk)
+            return jax.lax.dynamic_update_slice(w, jax.vmap(lambda i: row(key, i))(rows),
+                                                (begin, 0))
+
+        w0 = jnp.zeros((num_local, embedding_size), dtype)
+        if class_axes:
+            w0 = jax.lax.pcast(w0, class_axes, to="varying")
+        return jax.lax.fori_loop(0, num_chunks, fill, w0)
+
+    init = jax.shard_map(local_init, mesh=mesh, in_specs=P(),
+                         out_specs=P(class_axes or None, None))
+    out = jax.jit(init, out_shardings=class_centers_sharding(mesh, rules))(rng)
+    assert out.shape == (padded, embedding_size)
+    return out
 
 
 def _axes(axes):
@@ -221,6 +255,7 @@ def sharded_margin_loss(
         rng = jax.random.key(0)  # unused placeholder with a fixed pytree structure
     static_params, array_params = _split_params(margin_params)
     wants_norms = losses._accepts(margin_fn, "norms") and "norms" not in margin_params
+    target_dependent = margin_fn in TARGET_DEPENDENT_NON_TARGETS
 
     def body(e_loc, w_loc, y_loc, key, arrays):
         # 1. global batch on every shard; W stays local.
@@ -262,23 +297,31 @@ def sharded_margin_loss(
         if class_axes:
             overflow = jax.lax.psum(overflow, class_axes)
 
-        # 3. block cosines + cos_y as an extra target column.
+        # 3. block logits and the target logit.
         # normalize(W) @ e scaled per column: no normalised copy of the (C_local, D) block.
         w_blk = w_blk.astype(jnp.float32)
         inv_norm = jax.lax.rsqrt(jnp.maximum(jnp.sum(w_blk * w_blk, axis=1),
                                              losses.NORM_EPS * losses.NORM_EPS))
         cos = jnp.matmul(e_n, w_blk.T, precision=precision) * inv_norm[None, :]
-        ext = jnp.concatenate([cos, cos_y[:, None]], axis=1)
         kw = dict(static_params, **arrays)
         if wants_norms:
             kw["norms"] = jnp.linalg.norm(e.astype(jnp.float32), axis=1)
-        ext_labels = jnp.full((ext.shape[0],), cos.shape[1], jnp.int32)
-        logits_ext = margin_fn(ext, ext_labels, **kw).astype(jnp.float32)
-        logits = logits_ext[:, :-1]
-        # The same target logit on every shard; take shard 0's so it is a
-        # replicated value with one gradient path.
-        tgt = logits_ext[:, -1]
+        b = cos.shape[0]
+        if target_dependent:
+            # Non-target logits need cos_y: append it as the target column.
+            ext = jnp.concatenate([cos, cos_y[:, None]], axis=1)
+            logits_ext = margin_fn(ext, jnp.full((b,), cos.shape[1], jnp.int32), **kw)
+            logits = logits_ext[:, :-1].astype(jnp.float32)
+            tgt = logits_ext[:, -1].astype(jnp.float32)
+        else:
+            # Label -1: no target in the block, every column is a non-target logit.
+            logits = margin_fn(cos, jnp.full((b,), -1, jnp.int32), **kw).astype(jnp.float32)
+            tgt = margin_fn(cos_y[:, None], jnp.zeros((b,), jnp.int32), **kw)[:, 0]
+            tgt = tgt.astype(jnp.float32)
         if class_axes:
+            # Every shard holds the same target logit, but its type may vary over
+            # the mesh (it can depend on the gathered embeddings, e.g. AdaFace's
+            # norms): take shard 0's, a replicated value with one gradient path.
             tgt = jax.lax.psum(jnp.where(shard == 0, tgt, 0.0), class_axes)
 
         # 4. cross-entropy over all shards, the target counted once.
