@@ -191,11 +191,14 @@ def _render(p: dict[str, np.ndarray], size: int) -> np.ndarray:
   feat_w = 1 - 0.25 * np.abs(yaw)
 
   bg = col("bg") + col("bg_grad") * (y[..., None] + 0.5 * x[..., None])
-  img = np.broadcast_to(bg, (b, size, size, 3)).astype(f32)
+  img = np.array(np.broadcast_to(bg, (b, size, size, 3)), dtype=f32)
 
-  def paint(mask, colour):
-    nonlocal img
-    img = img + mask[..., None] * (colour - img)
+  tmp = np.empty_like(img)
+
+  def paint(mask, colour):  # img += mask * (colour - img), in place
+    np.subtract(colour, img, out=tmp)
+    np.multiply(tmp, mask[..., None], out=tmp)
+    np.add(img, tmp, out=img)
 
   skin, hair = col("skin"), col("hair")
   hair_back = _ellipse(u, v, 0, 0.0, head_w * sc("hair_volume"),
