@@ -251,19 +251,21 @@ def test_partial_fc_gradient_only_on_sampled_rows(mesh):
 
 
 def test_partial_fc_overflow_keeps_exact_targets(mesh):
-    num_classes = 80  # 10 rows per shard, sample of 1
+    num_classes = 160  # 20 rows per shard, sample of 2
     e, w, _ = _data(num_classes, seed=13)
-    y = np.array([0, 1, 2, 3, 4, 0, 1, 2] + [40] * 8, np.int32)  # 5 positives on shard 0
+    y = np.array([4, 1, 3, 2, 4, 1, 3, 2] + [45] * 8, np.int32)  # 4 positives on shard 0
     (loss, aux), gw = jax.jit(jax.value_and_grad(
         lambda w: sharded_margin_loss(e, w, y, margin_fn=losses.x2_softmax, mesh=mesh,
                                       sample_rate=0.1, rng=jax.random.key(0), return_aux=True),
         has_aux=True))(w)
     sampled, mask = np.asarray(aux.sampled), np.asarray(aux.row_mask)
-    assert int(aux.num_overflow) == 4
-    np.testing.assert_array_equal(sampled.reshape(8, 10).sum(1), 1)
-    assert sampled[0] and sampled[40]  # the lowest-indexed positive of each shard is kept
-    assert mask[[0, 1, 2, 3, 4, 40]].all() and mask.sum() == 6 + 6  # positives + 6 other shards
-    assert (np.abs(np.asarray(gw)[[1, 2, 3, 4]]).max(axis=1) > 0).all()  # overflowed rows learn
+    assert int(aux.num_overflow) == 2
+    np.testing.assert_array_equal(sampled.reshape(8, 20).sum(1), 2)
+    np.testing.assert_array_equal(sampled[:20].nonzero()[0], [1, 2])  # lowest-indexed positives
+    assert sampled[45]
+    assert mask[[1, 2, 3, 4, 45]].all() and mask.sum() == 4 + 7 * 2  # overflowed rows included
+    assert (np.abs(np.asarray(gw)[[3, 4]]).max(axis=1) > 0).all()  # overflowed rows learn
+    np.testing.assert_array_equal(np.asarray(gw)[~mask], 0.0)
     neg = np.broadcast_to(sampled, (len(y), num_classes))
     np.testing.assert_allclose(loss, _np_x2_loss(e, w, y, neg), rtol=1e-5)
 

@@ -8,11 +8,12 @@ contiguous block ``[r * C_pad/n, (r+1) * C_pad/n)``. The loss is written with
 1. all-gather the embeddings and labels of the global batch (B, D) - W never moves;
 2. target cosine ``cos_y``: the owning shard gathers its row ``W[y]`` and dots
    it with the embedding, a ``psum`` over the class axes gives it to all shards;
-3. each shard computes its block of cosines (B, C_local) (or of its sampled rows),
-   appends ``cos_y`` as an extra column and calls the margin function with that
-   column as the label: the margin-transformed target logit and the non-target
-   logits come out of the *unchanged* margin function (also for margins whose
-   non-target logits depend on ``cos_y``, e.g. CurricularFace);
+3. each shard computes its block of cosines (B, C_local) (or of its sampled
+   rows) and calls the *unchanged* margin function on it with label -1 (no
+   target in the block: all columns are non-target logits), and once on
+   ``cos_y[:, None]`` for the target logit. Margins whose non-target logits
+   depend on ``cos_y`` (CurricularFace) get ``cos_y`` appended to the block as
+   its target column instead;
 4. the target's own column inside the block, padded rows and (with sampling)
    unsampled rows are masked to ``-inf``; softmax cross-entropy uses a ``pmax``
    of the row maxima and a ``psum`` of the exp-sums; the target logit enters once.
@@ -36,6 +37,7 @@ rows (insightface's behaviour).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -154,6 +156,10 @@ def _axes(axes):
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
 def _split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Python scalars/strings are static; anything array-like is a traced input."""
     static, arrays = {}, {}
@@ -241,7 +247,7 @@ def sharded_margin_loss(
     num_local = padded // n_shards
     sampling = sample_rate < 1.0
     num_sampled = num_sampled_per_shard(num_local, sample_rate)
-    wants_rng = losses._accepts(margin_fn, "rng")
+    wants_rng = _accepts(margin_fn, "rng")
     if (sampling or wants_rng) and rng is None:
         raise ValueError(
             "sharded_margin_loss: an rng key is needed (sample_rate < 1 or a margin "
@@ -254,7 +260,7 @@ def sharded_margin_loss(
     if not sampling:
         rng = jax.random.key(0)  # unused placeholder with a fixed pytree structure
     static_params, array_params = _split_params(margin_params)
-    wants_norms = losses._accepts(margin_fn, "norms") and "norms" not in margin_params
+    wants_norms = _accepts(margin_fn, "norms") and "norms" not in margin_params
     target_dependent = margin_fn in TARGET_DEPENDENT_NON_TARGETS
 
     def body(e_loc, w_loc, y_loc, key, arrays):
@@ -280,7 +286,10 @@ def sharded_margin_loss(
             positive = jnp.zeros(num_local, jnp.int32).at[local_y_c].max(owned.astype(jnp.int32)) > 0
             # Independent of the margin function's use of the same key.
             shard_key = jax.random.fold_in(jax.random.fold_in(key, 0x5A3F), shard)
-            scores = jnp.where(positive, 2.0, jnp.where(
+            # Positives above every negative, lower index first (overflow rule);
+            # exact in float32 for shards of up to 2**24 rows.
+            first_rows = (2 + num_local - jnp.arange(num_local)).astype(jnp.float32)
+            scores = jnp.where(positive, first_rows, jnp.where(
                 rows_real, jax.random.uniform(shard_key, (num_local,)), -1.0))
             _, rows = jax.lax.top_k(scores, num_sampled)
             rows = jnp.sort(rows)
