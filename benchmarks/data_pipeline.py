@@ -221,12 +221,16 @@ def difficulty(epochs: int, num_identities: int) -> list[tuple[str, float, float
   return rows
 
 
-def bench_loaders(args) -> list[float]:
-  """Synthetic generation time, then the loader table. Returns images per CPU-second rows."""
+def bench_loaders(args) -> dict[int, float]:
+  """Synthetic generation time, then the loader table.
+
+  Returns images per CPU-second by image size (112: median of the JPEG rows).
+  """
   t0, c0 = time.perf_counter(), cpu_seconds()
-  synthetic.generate_train(synthetic.get_config("small"))
+  small_images, small_labels = synthetic.generate_train(synthetic.get_config("small"))
   print(f"# synthetic 'small' generate_train (24,000 images 32x32): "
         f"{time.perf_counter() - t0:.1f} s wall, {cpu_seconds() - c0:.1f} CPU-s")
+  small_src = sources.ArraySource(small_images, small_labels)
   with tempfile.TemporaryDirectory() as tmp:
     rec_dir = os.path.join(tmp, "manual", "custom")
     t0 = time.perf_counter()
@@ -246,20 +250,23 @@ def bench_loaders(args) -> list[float]:
     n_plain = min(1000, args.images)
     rate, per_cpu = bench_plain_pil(rec_src, n_plain)
     print(f"| RecordIO, plain PIL loop (no grain, 1 thread) | - | {rate:,.0f} | {per_cpu:,.0f} |")
-    loader_rates = []
+    rates_112 = []
     for label, src in (("RecordIO (RecordIOSource)", rec_src),
                        ("TFDS ArrayRecord (tfds:insightface_rec)", tfds_src)):
       for w in args.workers:
         rate, per_cpu = bench_loader(src, batch_size=args.batch_size, batches=args.batches,
                                      worker_count=w, read_threads=args.read_threads)
-        loader_rates.append(per_cpu)
-        print(f"| {label} | {w} | {rate:,.0f} | {per_cpu:,.0f} |", flush=True)
+        rates_112.append(per_cpu)
+        print(f"| {label}, 112x112 JPEG | {w} | {rate:,.0f} | {per_cpu:,.0f} |", flush=True)
+  rate, per_cpu_32 = bench_loader(small_src, batch_size=args.batch_size, batches=args.batches,
+                                  worker_count=0, read_threads=args.read_threads)
+  print(f"| synthetic 'small' in memory (ArraySource), 32x32, no decode | 0 | {rate:,.0f} "
+        f"| {per_cpu_32:,.0f} |", flush=True)
+  return {112: float(np.median(rates_112)), 32: per_cpu_32}
 
-  return loader_rates
 
-
-def bench_steps(args, per_core: float) -> None:
-  """Backbone step table; 'loader cores needed' uses ``per_core`` images per CPU-second."""
+def bench_steps(args, per_core: dict[int, float]) -> None:
+  """Backbone step table; 'loader cores needed' = consumed / loader images per CPU-second."""
   import jax  # pylint: disable=import-outside-toplevel
   print(f"\n| backbone fwd+bwd, batch {args.step_batch} ({args.step_dtype}, "
         f"{jax.devices()[0].platform}) | compile s | step s "
@@ -270,11 +277,12 @@ def bench_steps(args, per_core: float) -> None:
     compile_s, step_s = bench_step(name, int(size), args.step_batch, steps=2,
                                    dtype=args.step_dtype)
     consumed = args.step_batch / step_s
-    needed = f"{consumed / per_core:.3f}" if int(size) == 112 else "-"
+    rate = per_core.get(int(size), float("nan"))
+    needed = f"{consumed / rate:.4f}" if np.isfinite(rate) else "-"
     print(f"| {name} @ {size}x{size} | {compile_s:.1f} | {step_s:.2f} | {consumed:,.1f} "
           f"| {needed} |", flush=True)
-  print(f"\n# loader cores needed = images/s consumed / {per_core:,.0f} images per CPU-second "
-        "(median loader row; 112x112 rows only)")
+  print("\n# loader cores needed = images/s consumed / loader images per CPU-second "
+        "(112x112: median of the JPEG rows; 32x32: the in-memory synthetic row)")
 
 
 def main():
@@ -298,11 +306,11 @@ def main():
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}")
   sections = set(args.sections.split(","))
-  loader_rates = [float("nan")]
+  loader_rates = {}
   if "loader" in sections:
     loader_rates = bench_loaders(args)
   if "step" in sections and args.step_models:
-    bench_steps(args, float(np.median(loader_rates)))
+    bench_steps(args, loader_rates)
   if "difficulty" in sections:
     print(f"\n| synthetic 'small', {args.difficulty_ids} identities | closed-set accuracy "
           f"(chance {1 / args.difficulty_ids:.3f}) | held-out verification accuracy "
