@@ -35,7 +35,6 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
     worker = _worker_module()
     port = _free_port()

@@ -172,6 +172,12 @@ def test_init_class_centers(mesh, monkeypatch):
     # Row i depends only on (key, i): the same matrix on one device.
     one = init_class_centers(jax.random.key(0), 1001, 64, make_mesh(devices=jax.devices()[:1]))
     np.testing.assert_array_equal(np.asarray(one), w[:1001])
+    # Extra padding rows (e.g. a multiple of 128), also inside an outer jit.
+    wide = jax.jit(lambda k: init_class_centers(k, 1001, 64, mesh, num_rows=1024))(jax.random.key(0))
+    assert wide.shape == (1024, 64) and _shard_shapes(wide) == {(128, 64)}
+    np.testing.assert_array_equal(np.asarray(wide)[:1008], w)
+    with pytest.raises(ValueError, match="multiple of the 8 class shards"):
+        init_class_centers(jax.random.key(0), 1001, 64, mesh, num_rows=1012)
 
 
 def test_sample_rate_one_is_the_full_head_and_full_sample_is_identical(mesh):

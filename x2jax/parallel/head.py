@@ -107,17 +107,26 @@ def init_class_centers(
     std: float = 0.01,
     dtype: Any = jnp.float32,
     rules: ShardingRules = DEFAULT_RULES,
+    num_rows: int | None = None,
 ) -> Array:
-    """W ~ N(0, std^2), shape (pad_num_classes(C, shards), D), created sharded.
+    """W ~ N(0, std^2), shape (num_rows, D), created sharded.
 
-    Row ``i`` is ``std * normal(fold_in(rng, i), (D,))``: the same W for any
-    mesh. Padded rows are zero (and stay masked in the loss). Each shard
-    generates its own rows in chunks of ``INIT_CHUNK_ROWS`` (no device ever
-    materialises the full matrix, and the random-bit temporaries stay small).
+    ``num_rows`` defaults to ``pad_num_classes(C, shards)``; a larger multiple
+    of the shard count is allowed. Row ``i`` is ``std * normal(fold_in(rng,
+    i), (D,))``: the same W for any mesh. Padded rows are zero (and stay masked
+    in the loss). Each shard generates its own rows in chunks of
+    ``INIT_CHUNK_ROWS``: no device ever materialises the full matrix and the
+    random-bit temporaries stay at one chunk (a plain ``jax.random.normal`` of
+    the whole (C, D) matrix needs about 3 more W-sized temporaries). Works
+    eagerly and inside an outer ``jit``.
     """
-    rows_per_shard = pad_num_classes(num_classes, num_class_shards(mesh, rules))
     n_shards = num_class_shards(mesh, rules)
-    padded, num_local = rows_per_shard, rows_per_shard // n_shards
+    padded = pad_num_classes(num_classes, n_shards) if num_rows is None else int(num_rows)
+    if padded < num_classes or padded % n_shards:
+        raise ValueError(
+            f"init_class_centers: num_rows={padded} must be >= num_classes={num_classes} and "
+            f"a multiple of the {n_shards} class shards")
+    num_local = padded // n_shards
     class_axes = _axes(rules.classes)
 
     def row(key, i):
