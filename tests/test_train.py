@@ -302,3 +302,48 @@ def test_sgd_with_weight_decay_and_clipping_matches_torch():
         topt.step()
     np.testing.assert_allclose(np.asarray(params["backbone"]["w"]), tb.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(params["head"]["weight"]), th.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_step_on_the_mean_gradient():
+    base = dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0)
+    acc = make_optimizer(ml_collections.ConfigDict(dict(base, accumulate_steps=2)), optax.constant_schedule(0.1))
+    one = make_optimizer(ml_collections.ConfigDict(dict(base, accumulate_steps=1)), optax.constant_schedule(0.1))
+    rng = np.random.default_rng(1)
+    params = {"backbone": {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}, "head": {"weight": jnp.ones((4, 2))}}
+    g1, g2 = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(2)]
+    s = acc.init(params)
+    u, s = acc.update(g1, s, params, row_mask=None)
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))  # first micro-step: no update
+    p_acc = optax.apply_updates(params, u)
+    u, s = acc.update(g2, s, p_acc, row_mask=None)
+    p_acc = optax.apply_updates(p_acc, u)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+    u, _ = one.update(mean, one.init(params), params, row_mask=None)
+    p_one = optax.apply_updates(params, u)
+    for a, b in zip(jax.tree.leaves(p_acc), jax.tree.leaves(p_one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_float16_dynamic_loss_scale_halves_on_overflow_and_skips_the_step(tmp_path, cache_dir):
+    """GradScaler semantics: start at 2**16, halve and skip on a non-finite gradient,
+    keep the scale otherwise (growth after 2000 good steps); overflow is not an error."""
+    n, nan_step = 8, 7
+    cfg = tiny_config(cache_dir, num_steps=n, **{"model.dtype": "float16", "debug.nan_at_step": nan_step, "checkpoint.every_steps": 1, "checkpoint.keep": 0})
+    out = train(cfg, tmp_path)
+    assert out["step"] == n
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    skipped = [r["skipped"] for r in records]
+    scales = [r["loss_scale"] for r in records]  # the scale each step used
+    assert scales[0] == 2.0**16
+    for i in range(n - 1):
+        assert scales[i + 1] == scales[i] / 2 if skipped[i] else scales[i + 1] == scales[i], (skipped, scales)
+    assert skipped[nan_step - 1] == 1 and 0 in skipped[: nan_step - 1], skipped  # the scale settles, then NaN skips
+    before, after = _final_state_arrays(tmp_path, nan_step - 1), _final_state_arrays(tmp_path, nan_step)
+    _assert_trees_bitwise_equal(before["params"], after["params"])
+    good = skipped.index(0) + 1
+    assert not np.array_equal(
+        _final_state_arrays(tmp_path, good - 1 if good > 1 else good)["params"]["head"]["weight"],
+        _final_state_arrays(tmp_path, n)["params"]["head"]["weight"],
+    )
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_final_state_arrays(tmp_path, n)["params"]))
