@@ -316,11 +316,9 @@ def sharded_margin_loss(
             overflow = jax.lax.psum(overflow, class_axes)
 
         # 3. block logits and the target logit.
-        # normalize(W) @ e scaled per column: no normalised copy of the (C_local, D) block.
-        w_blk = w_blk.astype(jnp.float32)
-        inv_norm = jax.lax.rsqrt(jnp.maximum(jnp.sum(w_blk * w_blk, axis=1),
-                                             losses.NORM_EPS * losses.NORM_EPS))
-        cos = jnp.matmul(e_n, w_blk.T, precision=precision) * inv_norm[None, :]
+        # (Normalising W first is faster on XLA:CPU than scaling the (B, C_local)
+        # product per column, and the temporaries are about the same.)
+        cos = jnp.matmul(e_n, losses.l2_normalize(w_blk).T, precision=precision)
         kw = dict(static_params, **arrays)
         if wants_norms:
             kw["norms"] = jnp.linalg.norm(e.astype(jnp.float32), axis=1)
