@@ -106,7 +106,7 @@ def bench_loader(src, *, batch_size: int, batches: int, worker_count: int,
   t0, c0 = time.perf_counter(), cpu_seconds()
   for _ in range(batches):
     b = next(it)
-    assert b["image"].shape == (batch_size, 112, 112, 3)
+    assert b["image"].shape == (batch_size, *src.image_size, 3)
   wall = time.perf_counter() - t0
   cpu = cpu_seconds() - c0  # workers still alive: their time is read from /proc
   it.close()
