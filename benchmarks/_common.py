@@ -1,0 +1,94 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, tables."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Pins OMP/MKL thread counts to ``threads`` (default: all cores); call before imports."""
+    n = threads or os.cpu_count() or 1
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    return n
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> list[float]:
+    """Wall seconds of ``fn()`` (which must block until its result is ready), after warmup."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
+                     repeats: int = 5) -> dict[str, list[float]]:
+    """Like :func:`time_fn` for several functions, run round-robin so that a change of
+    machine load during the measurement hits every function alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (ru_maxrss, KiB on Linux) in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def machine_line() -> str:
+    """One line: cores, CPU flags of note, memory, load average, versions."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        have = [f for f in ("avx2", "avx512f", "avx512_bf16") if f" {f}" in text]
+        flags = "+".join(have)
+    except OSError:
+        pass
+    mem = ""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        mem = f"{pages / 2**30:.0f} GiB"
+    except (ValueError, OSError):
+        pass
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    versions = [f"python {platform.python_version()}"]
+    for mod in ("jax", "torch"):
+        if mod in sys.modules:
+            versions.append(f"{mod} {sys.modules[mod].__version__}")
+    return (f"{os.cpu_count()} cores ({flags}), {mem}, load average {load}, "
+            f"{', '.join(versions)}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""IResNet training step on CPU: x2jax (conv impl "xla" / "im2col") vs PyTorch.
+
+One step = forward in train mode (batch statistics), loss ``mean(embedding**2)``,
+backward, SGD momentum 0.9 + weight decay 5e-4 (optax / torch.optim.SGD), BN
+running statistics updated. Same architecture on both sides (PyTorch:
+``tests/torch_iresnet.py``, insightface's module structure).
+
+Every configuration runs in a fresh subprocess so that ``ru_maxrss`` (peak RSS)
+is its own. Reported per configuration: compile seconds (JAX: ``lower`` +
+``compile`` of the jitted step, no persistent cache; torch: none), median step
+seconds over ``--steps`` timed steps after ``--warmup`` untimed ones, images/s,
+peak RSS, and the ratio of images/s to the PyTorch configuration measured in
+the same run (the faster of NCHW / channels_last).
+
+    python benchmarks/backbone_step.py --arch r18 --batch 32
+    python benchmarks/backbone_step.py --arch r50 --batch 32 --steps 3   # ~10 min on 2 cores
+
+IResNet-50 at batch 32 costs tens of seconds per step on a 2-core CPU: keep
+``--steps`` small there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+CONFIGS = ("jax-xla", "jax-im2col", "torch-nchw", "torch-channels_last")
+TORCH_ARCHS = {  # layers, widths (insightface IResNet; r18_tiny = x2jax's small CPU model)
+    "r18": ((2, 2, 2, 2), (64, 128, 256, 512)),
+    "r34": ((3, 4, 6, 3), (64, 128, 256, 512)),
+    "r50": ((3, 4, 14, 3), (64, 128, 256, 512)),
+    "r100": ((3, 13, 30, 3), (64, 128, 256, 512)),
+    "r18_tiny": ((2, 2, 2, 2), (16, 32, 64, 128)),
+}
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _worker_jax(args, impl: str) -> dict:
+    sys.path.insert(0, _common.REPO)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from x2jax.models import registry
+
+    module = registry.get_model(args.arch, embedding_size=args.embedding, image_size=args.image_size,
+                                conv_impl=impl)
+    variables = registry.init_variables(module, jax.random.key(0))
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    opt_state = tx.init(params)
+    images = jnp.asarray(np.random.default_rng(0).standard_normal(
+        (args.batch, args.image_size, args.image_size, 3), np.float32))
+
+    def step(params, batch_stats, opt_state, images):
+        def loss_fn(p):
+            emb, updates = module.apply({"params": p, "batch_stats": batch_stats}, images,
+                                        train=True, mutable=["batch_stats"])
+            return jnp.mean(jnp.square(emb)), updates["batch_stats"]
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
+        params, batch_stats, opt_state, images).compile()
+    compile_s = time.perf_counter() - t0
+    flops = None
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0)) or None
+    except Exception:  # cost analysis is best effort
+        pass
+    state = [params, batch_stats, opt_state]
+
+    def run():
+        p, s, o, loss = compiled(*state, images)
+        jax.block_until_ready(loss)
+        state[:] = [p, s, o]
+
+    times = _common.time_fn(run, warmup=args.warmup, repeats=args.steps)
+    return {"compile_s": compile_s, "times": times, "xla_flops": flops, "jax": jax.__version__}
+
+
+def _worker_torch(args, channels_last: bool) -> dict:
+    sys.path.insert(0, os.path.join(_common.REPO, "tests"))
+    import torch
+
+    import torch_iresnet
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    layers, widths = TORCH_ARCHS[args.arch]
+    model = torch_iresnet.IResNet(layers, widths, num_features=args.embedding,
+                                  image_size=args.image_size).train()
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                          lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = model(images).square().mean()
+        loss.backward()
+        opt.step()
+
+    times = _common.time_fn(run, warmup=args.warmup, repeats=args.steps)
+    return {"compile_s": 0.0, "times": times, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def worker(args) -> None:
+    config = args.worker
+    if config.startswith("jax-"):
+        out = _worker_jax(args, config[len("jax-"):])
+    else:
+        out = _worker_torch(args, channels_last=config == "torch-channels_last")
+    out["peak_rss_gib"] = _common.peak_rss_gib()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="r18", choices=sorted(TORCH_ARCHS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--embedding", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compile")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated subset of {CONFIGS}")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    _common.set_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return
+
+    configs = [c for c in args.configs.split(",") if c]
+    bad = set(configs) - set(CONFIGS)
+    if bad:
+        parser.error(f"unknown configs {sorted(bad)}; known: {CONFIGS}")
+    print(f"# backbone step: {args.arch}, batch {args.batch}, {args.image_size}x{args.image_size}, "
+          f"{args.steps} timed steps after {args.warmup} warmup, {args.threads} threads")
+    print(f"# machine: {_common.machine_line()}", flush=True)
+    results = {}
+    for config in configs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", config,
+               "--arch", args.arch, "--batch", str(args.batch), "--image-size", str(args.image_size),
+               "--embedding", str(args.embedding), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{config}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        res = json.loads(lines[-1][len("RESULT "):])
+        res["step_s"] = _common.median(res["times"])
+        res["images_per_s"] = args.batch / res["step_s"]
+        results[config] = res
+        print(f"# {config}: done in {time.perf_counter() - t0:.0f} s, steps {res['times']}", flush=True)
+
+    torch_ref = max((results[c]["images_per_s"] for c in results if c.startswith("torch")),
+                    default=None)
+    xla_ref = results.get("jax-xla", {}).get("images_per_s")
+    rows = []
+    for config, res in results.items():
+        gflops = (res["xla_flops"] / res["step_s"] / 1e9) if res.get("xla_flops") else None
+        if gflops is None and "jax-xla" in results and results["jax-xla"].get("xla_flops"):
+            gflops = results["jax-xla"]["xla_flops"] / res["step_s"] / 1e9
+        rows.append([
+            config, f"{res['compile_s']:.1f}", f"{res['step_s']:.3f}", f"{res['images_per_s']:.2f}",
+            f"{res['peak_rss_gib']:.2f}",
+            f"{gflops:.1f}" if gflops else "-",
+            f"{res['images_per_s'] / xla_ref:.2f}" if xla_ref else "-",
+            f"{res['images_per_s'] / torch_ref:.2f}" if torch_ref else "-",
+        ])
+    print()
+    print(_common.markdown_table(
+        ["config", "compile s", "step s (median)", "images/s", "peak RSS GiB",
+         "GFLOP/s (XLA count)", "vs jax-xla", "vs best torch"], rows))
+    if "jax-xla" in results and results["jax-xla"].get("xla_flops"):
+        print(f"\nXLA cost analysis: {results['jax-xla']['xla_flops'] / 1e9:.1f} GFLOP per step "
+              f"(jax-xla program; used for every row's GFLOP/s)")
+    print(f"# finished: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
