@@ -97,7 +97,7 @@ def bench_plain_pil(src, num_images: int) -> tuple[float, float]:
 
 
 def bench_loader(src, *, batch_size: int, batches: int, worker_count: int,
-                 read_threads: int) -> tuple[float, float]:
+                 read_threads: int | None) -> tuple[float, float]:
   it = pipeline.make_train_loader(src, batch_size=batch_size, seed=0, shard_index=0,
                                   shard_count=1, worker_count=worker_count,
                                   read_threads=read_threads)
@@ -259,7 +259,7 @@ def bench_loaders(args) -> dict[int, float]:
         rates_112.append(per_cpu)
         print(f"| {label}, 112x112 JPEG | {w} | {rate:,.0f} | {per_cpu:,.0f} |", flush=True)
   rate, per_cpu_32 = bench_loader(small_src, batch_size=args.batch_size, batches=args.batches,
-                                  worker_count=0, read_threads=args.read_threads)
+                                  worker_count=0, read_threads=None)  # default: 0 threads
   print(f"| synthetic 'small' in memory (ArraySource), 32x32, no decode | 0 | {rate:,.0f} "
         f"| {per_cpu_32:,.0f} |", flush=True)
   return {112: float(np.median(rates_112)), 32: per_cpu_32}

@@ -33,6 +33,7 @@ import grain
 import numpy as np
 
 from x2jax.data.recordio import decode_image
+from x2jax.data.sources import ArraySource
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,8 @@ def _ensure_absl_flags_parsed() -> None:
 def make_train_dataset(source, *, batch_size: int, seed: int, shard_index: int,
                        shard_count: int, flip: bool = True, num_epochs: int | None = None,
                        worker_count: int = 0, worker_buffer_size: int = 2,
-                       read_threads: int = 2, image_size: tuple[int, int] | None = None,
+                       read_threads: int | None = None,
+                       image_size: tuple[int, int] | None = None,
                        on_corrupt: str = "skip") -> grain.IterDataset:
   """The grain ``IterDataset`` behind :func:`make_train_loader` (same arguments)."""
   if batch_size < 1:
@@ -268,6 +270,9 @@ def make_train_dataset(source, *, batch_size: int, seed: int, shard_index: int,
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if image_size is None:
     image_size = getattr(source, "image_size", None)
+  if read_threads is None:
+    # Decoded in-memory arrays: a thread hand-off costs more than the read itself.
+    read_threads = 0 if isinstance(source, ArraySource) else 2
   ds = _EpochShardDataset(grain.MapDataset.source(source), seed=seed, shard_index=shard_index,
                           shard_count=shard_count, num_epochs=num_epochs)
   flip_seed = (seed * 1_000_003 + shard_index) if flip else None
@@ -300,7 +305,8 @@ def make_train_loader(source, *, batch_size: int, seed: int, shard_index: int,
       process). Workers are spawned: scripts need an ``if __name__ ==
       "__main__":`` guard. The batch order depends on ``worker_count``: resume
       with the same value.
-    kwargs: ``worker_buffer_size``, ``read_threads``, ``image_size``,
+    kwargs: ``worker_buffer_size``, ``read_threads`` (threads decoding ahead in
+      each process; default 2, 0 for an in-memory ``ArraySource``), ``image_size``,
       ``on_corrupt`` ('skip': count in ``iterator.num_skipped`` and log;
       'raise': ``CorruptImageError`` naming the record).
   """
