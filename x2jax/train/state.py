@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from x2jax import losses
 from x2jax.models.registry import init_variables
-from x2jax.parallel.head import pad_num_classes
+from x2jax.parallel.head import init_class_centers, pad_num_classes
 from x2jax.parallel.sharding import (
     ShardingRules,
     class_centers_sharding,
@@ -75,11 +75,15 @@ def _init_state(
     padded_classes: int,
     loss_name: str,
     float16: bool,
+    mesh: Mesh,
+    rules: ShardingRules,
 ) -> TrainState:
     rng, model_rng, head_rng = jax.random.split(rng, 3)
     variables = init_variables(model, model_rng)
-    weight = 0.01 * jax.random.normal(head_rng, (padded_classes, model.embedding_size), jnp.float32)
-    weight = jnp.where((jnp.arange(padded_classes) < num_classes)[:, None], weight, 0.0)
+    # N(0, 0.01) as the official code; each shard draws its own rows (same W on any mesh).
+    weight = init_class_centers(
+        head_rng, num_classes, model.embedding_size, mesh, num_rows=padded_classes, rules=rules
+    )
     params = {"backbone": variables["params"], "head": {"weight": weight}}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -148,6 +152,8 @@ def make_state_factory(
         padded_classes=padded,
         loss_name=loss_name,
         float16=float16,
+        mesh=mesh,
+        rules=rules,
     )
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = state_shardings(abstract, tx, mesh, param_strategy=param_strategy, rules=rules)
