@@ -85,8 +85,12 @@ def _compiled_step(num_classes, rate, args):
     return mesh, rows, compiled, init_opt, compile_s, peak
 
 
-def _time_peer(num_classes, args, e, y):
-    """Unsharded peer: jit(margin_loss grad + optax) on one device."""
+def _make_peer(num_classes, args, e, y):
+    """Unsharded peer: jit(margin_loss grad + optax) on one device.
+
+    Returns ``run()`` doing one timed step (state kept inside), after one
+    compile step.
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -102,16 +106,16 @@ def _time_peer(num_classes, args, e, y):
 
     step = jax.jit(step, donate_argnums=(0, 1))
     w = 0.01 * jax.random.normal(jax.random.key(0), (num_classes, args.dim), jnp.float32)
-    st = tx.init(w)
-    w, st = step(w, st, e, y)
-    jax.block_until_ready(w)
-    times = []
-    for _ in range(args.steps):
+    state = list(step(w, tx.init(w), e, y))
+    jax.block_until_ready(state)
+
+    def run():
         t = time.perf_counter()
-        w, st = step(w, st, e, y)
-        jax.block_until_ready(w)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        state[:] = step(*state, e, y)
+        jax.block_until_ready(state)
+        return time.perf_counter() - t
+
+    return run
 
 
 def worker(args):
@@ -119,9 +123,7 @@ def worker(args):
     import jax
     import numpy as np
 
-    from x2jax.parallel import init_class_centers
-
-    from x2jax.parallel import batch_sharding, replicated
+    from x2jax.parallel import batch_sharding, init_class_centers, replicated
 
     n = jax.device_count()
     rng = np.random.default_rng(0)
@@ -140,21 +142,24 @@ def worker(args):
         out = step(w, st, e, y, keys[0])
         jax.block_until_ready(out.weight)
         first = time.perf_counter() - t0
-        times = []
+        # The peer's steps alternate with ours, so both see the same machine load.
+        peer = (_make_peer(num_classes, args, e_host, y_host)
+                if n == 1 and rate == 1.0 and args.peer else None)
+        times, peer_times = [], []
         for i in range(args.steps):
             t = time.perf_counter()
             out = step(out.weight, out.opt_state, e, y, keys[i + 1])
             jax.block_until_ready(out.weight)
             times.append(time.perf_counter() - t)
+            if peer is not None:
+                peer_times.append(peer())
         loss = float(out.loss)
-        del w, st, out
-        peer = None
-        if n == 1 and rate == 1.0 and args.peer:
-            peer = _time_peer(num_classes, args, e_host, y_host)
+        del w, st, out, peer
         print(json.dumps(dict(
             devices=n, classes=num_classes, rows=rows, sample_rate=rate,
             state_bytes_per_device=2 * shard_bytes + opt_bytes, xla_peak_per_device=peak,
-            compile_s=compile_s, first_step_s=first, step_s=statistics.median(times), peer_step_s=peer, loss=loss,
+            compile_s=compile_s, first_step_s=first, step_s=statistics.median(times),
+            peer_step_s=statistics.median(peer_times) if peer_times else None, loss=loss,
             maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)), flush=True)
 
 
@@ -238,7 +243,7 @@ def main(argv=None):
     p.add_argument("--cases", default=DEFAULT_CASES, help="C:sample_rate,...")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-peer", dest="peer", action="store_false")
     p.add_argument("--max-classes", action="store_true")
     p.add_argument("--verify", action="store_true")
