@@ -347,3 +347,19 @@ def test_float16_dynamic_loss_scale_halves_on_overflow_and_skips_the_step(tmp_pa
         _final_state_arrays(tmp_path, n)["params"]["head"]["weight"],
     )
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_final_state_arrays(tmp_path, n)["params"]))
+
+
+@pytest.mark.slow
+def test_eval_py_reports_the_accuracy_the_training_log_reported(tmp_path, cache_dir):
+    cfg = tiny_config(cache_dir, num_steps=6, **{"eval.sets": "synthetic", "eval.every_steps": 6})
+    out = train(cfg, tmp_path / "run")
+    logged = out["eval"]["synthetic"]["accuracy"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = json.loads((tmp_path / "r.json").read_text())
+    assert reported["model"]["step"] == 6 and reported["model"]["format"] == "train_checkpoint"
+    assert reported["sets"]["synthetic"]["accuracy"] == pytest.approx(logged, abs=1e-12)
+    assert f"{100 * logged:.2f}" in result.stdout
