@@ -1,0 +1,123 @@
+"""End-to-end ``train.py`` on the default config: steps/s, and first step cold vs warm.
+
+Each run is a fresh process calling ``x2jax.train.loop.train`` (what ``train.py``
+runs) on ``configs/synthetic_tiny_x2softmax.py`` with a fresh work directory
+(no resume) and these overrides: ``num_steps=--steps``, ``log_every_steps`` and
+``checkpoint.every_steps`` = ``--steps`` (one progress line and one checkpoint,
+both at the end, so the steady rate is not diluted by saves), the conv
+implementation, and the compilation cache directory. Per conv implementation:
+
+* ``cold``: an empty persistent compilation cache directory;
+* ``warm``: a second process with the same cache directory (what a restart sees).
+
+Reported: ``first_step_seconds`` from the returned summary (the first
+``train_step`` call: tracing + compile or cache load + one step; data loading
+excluded), the steady images/s of the progress line (steps 2..N, measured by the
+loop), steps/s, and first step / steady step.
+
+    python benchmarks/end_to_end.py                      # 100 steps, xla and im2col
+    python benchmarks/end_to_end.py --steps 400 --impls auto
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+CONFIG = os.path.join(_common.REPO, "configs", "synthetic_tiny_x2softmax.py")
+
+
+def worker(args) -> None:
+    sys.path.insert(0, _common.REPO)
+    from x2jax.train import config as config_lib
+    from x2jax.train.loop import train
+
+    overrides = [f"num_steps={args.steps}", f"log_every_steps={args.steps}",
+                 f"checkpoint.every_steps={args.steps}", f"model.conv_impl={args.impl}",
+                 f"compilation_cache_dir={args.cache_dir}"] + list(args.override)
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    summary = train(config, args.workdir)
+    summary = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+    summary["batch_size"] = int(config.data.batch_size)
+    summary["peak_rss_gib"] = _common.peak_rss_gib()
+    print("RESULT " + json.dumps(summary), flush=True)
+
+
+def run_once(args, impl: str, cache_dir: str, workdir: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl,
+           "--cache-dir", cache_dir, "--workdir", workdir, "--steps", str(args.steps),
+           "--config", args.config] + [f"--override={o}" for o in args.override]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_common.REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    wall = time.perf_counter() - t0
+    result = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not result:
+        raise RuntimeError(f"train run failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    summary = json.loads(result[-1][len("RESULT "):])
+    progress = [l for l in proc.stdout.splitlines() if "img/s" in l]
+    match = re.search(r"([0-9.]+) img/s", progress[-1]) if progress else None
+    summary["images_per_second"] = float(match.group(1)) if match else float("nan")
+    summary["process_wall_s"] = wall
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--impls", default="xla,im2col", help="conv impls to compare")
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--override", action="append", default=[],
+                        help="extra config override key=value (repeatable)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", default="xla", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    _common.set_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return
+
+    print(f"# end to end: {os.path.relpath(args.config, _common.REPO)}, {args.steps} steps, "
+          f"overrides {args.override or '-'}")
+    print(f"# machine: {_common.machine_line()}", flush=True)
+    root = tempfile.mkdtemp(prefix="x2jax_e2e_")
+    rows = []
+    try:
+        for impl in [i for i in args.impls.split(",") if i]:
+            cache = os.path.join(root, f"cache_{impl}")
+            for phase in ("cold", "warm"):
+                s = run_once(args, impl, cache, os.path.join(root, f"run_{impl}_{phase}"))
+                steady = s["batch_size"] / s["images_per_second"]
+                rows.append([impl, phase, f"{s['first_step_seconds']:.2f}", f"{steady:.3f}",
+                             f"{s['first_step_seconds'] / steady:.1f}",
+                             f"{s['images_per_second']:.0f}", f"{1 / steady:.2f}",
+                             f"{s['process_wall_s']:.0f}", f"{s['peak_rss_gib']:.2f}",
+                             f"{s.get('loss', float('nan')):.3f}"])
+                print(f"# {impl} {phase}: done ({s['process_wall_s']:.0f} s)", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print()
+    print(_common.markdown_table(
+        ["conv impl", "cache", "first step s", "steady step s", "first / steady",
+         "images/s", "steps/s", "process wall s", "peak RSS GiB", "final loss"], rows))
+    print(f"# finished: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
