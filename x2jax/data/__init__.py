@@ -84,7 +84,7 @@ def _tfds_kwargs(manual_dir):
 
 def get_train_source(name: str, *, data_dir: str | os.PathLike | None = None,
                      **kwargs) -> TrainSource:
-  """Training source by name (see the module docstring); returns (source, num_classes, image_size)."""
+  """Training source by name (module docstring) -> (source, num_classes, image_size)."""
   if name.startswith("synthetic_"):
     cfg = synthetic.get_config(name[len("synthetic_"):], **kwargs)
     images, labels = synthetic.generate_train(cfg)

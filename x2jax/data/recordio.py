@@ -51,7 +51,8 @@ _IR_STRUCT = struct.Struct("<" + _IR_FORMAT)
 _IR_SIZE = _IR_STRUCT.size  # 24
 
 IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
-IRHeader.__doc__ = """MXNet image-record header: flag (uint32), label (float or float32 array), id, id2 (uint64)."""
+IRHeader.__doc__ = """MXNet image-record header: flag (uint32), label (float or float32
+array), id, id2 (uint64)."""
 
 
 class RecordIOError(ValueError):

@@ -135,7 +135,8 @@ class TfdsSource:
                builder_kwargs: dict[str, Any] | None = None,
                download_and_prepare_kwargs: dict[str, Any] | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    from x2jax.data import tfds_builders  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    # Importing registers our builders with TFDS.
+    from x2jax.data import tfds_builders  # noqa: F401  pylint: disable=unused-import
     self.name, self.split = name, split
     self.data_dir = None if data_dir is None else os.fspath(data_dir)
     self._kwargs = dict(builder_kwargs=builder_kwargs,
@@ -153,7 +154,8 @@ class TfdsSource:
 
   def _open(self):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    from x2jax.data import tfds_builders  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    # Importing registers our builders with TFDS.
+    from x2jax.data import tfds_builders  # noqa: F401  pylint: disable=unused-import
     builder = tfds.builder(self.name, data_dir=self.data_dir,
                            **(self._kwargs["builder_kwargs"] or {}))
     self._source = builder.as_data_source(
