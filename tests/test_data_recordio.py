@@ -165,6 +165,38 @@ def test_labels_from_headers_without_record0(tmp_path):
   assert info.labels.tolist() == [2, 1, 0] and info.num_classes == 3
 
 
+def test_labels_from_headers_agrees_and_catches_misordered_identity_records(tmp_path):
+  labels = np.array([1, 0, 2, 1, 0, 0])
+  recordio.write_insightface_rec(tmp_path, [b"i%d" % i for i in range(6)], labels,
+                                 image_size=(8, 8))
+  auto = recordio.read_insightface_rec(tmp_path)
+  scan = recordio.read_insightface_rec(tmp_path, labels_from="headers")
+  assert scan.image_keys.tolist() == auto.image_keys.tolist() == [1, 2, 3, 4, 5, 6]
+  assert scan.labels.tolist() == auto.labels.tolist() == [0, 0, 0, 1, 1, 2]
+  # Swap identity records 0 and 1: their ranges no longer match the image headers.
+  idx = tmp_path / "train.idx"
+  lines = dict(line.split("\t") for line in idx.read_text().splitlines())
+  lines["7"], lines["8"] = lines["8"], lines["7"]
+  idx.write_text("".join(f"{k}\t{v}\n" for k, v in lines.items()))
+  with pytest.raises(RecordIOError, match="labels_from='headers'"):
+    recordio.read_insightface_rec(tmp_path)
+  assert recordio.read_insightface_rec(
+      tmp_path, labels_from="headers").labels.tolist() == [0, 0, 0, 1, 1, 2]
+
+
+def test_record_keys_past_float32_exact_integers_scan_headers(tmp_path):
+  """Record 0 labels above 2**24 are rounded in float32: image labels come from headers."""
+  w = MXIndexedRecordIO(tmp_path / "train.idx", tmp_path / "train.rec", "w")
+  w.write_idx(0, pack(IRHeader(0, [2**25 + 1, 2**25 + 3], 0, 0), b""))
+  w.write_idx(1, pack(IRHeader(0, 1.0, 1, 0), b"x"))
+  w.write_idx(2, pack(IRHeader(0, 0.0, 2, 0), b"y"))
+  w.write_idx(3, pack(IRHeader(0, [2, 3], 0, 0), b""))  # identity records: empty payload
+  w.write_idx(4, pack(IRHeader(0, [1, 2], 0, 0), b""))
+  w.close()
+  info = recordio.read_insightface_rec(tmp_path)
+  assert info.image_keys.tolist() == [1, 2] and info.labels.tolist() == [1, 0]
+
+
 def test_labels_outside_property_num_classes_raise(tmp_path):
   recordio.write_insightface_rec(tmp_path, [b"a", b"b"], [0, 3], image_size=(112, 112))
   (tmp_path / "property").write_text("2,112,112\n")

@@ -297,13 +297,17 @@ class MXIndexedRecordIO(MXRecordIO):
     Labels beyond ``max_labels`` are not read; falls back to a full read when
     the header itself is split by a continuation record.
     """
+    return self._header_and_payload_len(key, max_labels)[0]
+
+  def _header_and_payload_len(self, key: Hashable, max_labels: int = 2) -> tuple[IRHeader, int]:
+    """(IRHeader, bytes of payload after the header and its labels) of record ``key``."""
     offset = self._offset(key)
     want = _IR_SIZE + 4 * max_labels
     frame = self._pread_exact(8, offset, "record header")
     magic, lrecord = _FRAME.unpack(frame)
     if magic != MAGIC or (lrecord >> 29) != 0:
-      header, _ = unpack(self.read_idx(key))
-      return header
+      header, payload = unpack(self.read_idx(key))
+      return header, len(payload)
     length = lrecord & _LENGTH_MASK
     data = self._pread_exact(min(want, length), offset + 8, "record payload")
     if len(data) < _IR_SIZE:
@@ -313,7 +317,7 @@ class MXIndexedRecordIO(MXRecordIO):
     if header.flag > 0:
       n = min(header.flag, (len(data) - _IR_SIZE) // 4)
       header = header._replace(label=np.frombuffer(data, np.float32, n, _IR_SIZE))
-    return header
+    return header, length - _IR_SIZE - 4 * header.flag
 
   def write_idx(self, key: Hashable, buf: bytes) -> None:
     """Appends record ``buf`` under ``key`` (and its offset to the .idx file)."""
@@ -423,14 +427,20 @@ def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
 
 
 def read_insightface_rec(directory: str | os.PathLike, *, prefix: str = "train",
-                         check_labels: int = 1000) -> InsightFaceRec:
+                         labels_from: str = "auto", check_labels: int = 1000) -> InsightFaceRec:
   """Reads the index of ``<directory>/{train.rec, train.idx, property}``.
 
-  Labels come from the identity records (record 0 gives their range) when
-  present, checked against the image headers of up to ``check_labels``
-  identities; otherwise from every image record's header. Raises with the path
-  when files are missing and when labels fall outside ``[0, num_classes)``.
+  ``labels_from='auto'``: labels from the identity records (record 0 gives
+  their range; one small read per identity), checked against the image headers
+  of up to ``check_labels`` identities; falls back to 'headers' without record
+  0 or when record keys pass 2**24 (float32 labels stop being exact integers).
+  ``labels_from='headers'``: every image record's header (~40 bytes read each;
+  records with an empty payload, i.e. record 0 and identity records, are not
+  images). Raises with the path when files are missing and when labels fall
+  outside ``[0, num_classes)``.
   """
+  if labels_from not in ("auto", "headers"):
+    raise ValueError(f"labels_from must be 'auto' or 'headers', got {labels_from!r}")
   directory = os.fspath(directory)
   rec_path = os.path.join(directory, f"{prefix}.rec")
   idx_path = os.path.join(directory, f"{prefix}.idx")
@@ -445,7 +455,11 @@ def read_insightface_rec(directory: str | os.PathLike, *, prefix: str = "train",
   rec = MXIndexedRecordIO(idx_path, rec_path, "r")
   try:
     header0 = rec.read_header_idx(0) if 0 in rec.idx else None
-    if header0 is not None and header0.flag > 0:
+    has_record0 = header0 is not None and header0.flag > 0
+    use_identity_records = (labels_from == "auto" and has_record0
+                            and float(np.max(header0.label[:2])) <= 2**24
+                            and int(header0.label[1]) > int(header0.label[0]))
+    if use_identity_records:
       first_id, end_id = int(header0.label[0]), int(header0.label[1])
       image_keys = np.arange(1, first_id, dtype=np.int64)
       labels = np.full(image_keys.shape, -1, np.int64)
@@ -460,28 +474,30 @@ def read_insightface_rec(directory: str | os.PathLike, *, prefix: str = "train",
               f"{rec_path}: identity record {key} has image range ({a}, {b}) outside "
               f"[1, {first_id})")
         labels[a - 1:b - 1] = c
-      if len(id_keys) and (labels < 0).any():
+      if (labels < 0).any():
         missing = int(image_keys[np.argmax(labels < 0)])
         raise RecordIOError(f"{rec_path}: image record {missing} belongs to no identity record")
-      if not len(id_keys):  # record 0 without identity records: scan headers
-        labels = np.array([_scalar_label(rec.read_header_idx(k).label) for k in image_keys],
-                          np.int64)
-      else:
-        step = max(1, len(id_keys) // max(1, check_labels))
-        for c in range(0, len(id_keys), step):
-          h = rec.read_header_idx(id_keys[c])
-          a = int(h.label[0])
-          if a < int(h.label[1]):
-            got = _scalar_label(rec.read_header_idx(a).label)
-            if int(got) != c:
-              raise RecordIOError(
-                  f"{rec_path}: image record {a} is labelled {got} in its header but "
-                  f"identity record {id_keys[c]} (identity {c}) claims it; labels are "
-                  "not in identity-record order; use check_labels=0 and scan headers")
+      step = max(1, len(id_keys) // max(1, check_labels))
+      for c in range(0, len(id_keys) if check_labels > 0 else 0, step):
+        h = rec.read_header_idx(id_keys[c])
+        a = int(h.label[0])
+        if a < int(h.label[1]):
+          got = _scalar_label(rec.read_header_idx(a).label)
+          if int(got) != c:
+            raise RecordIOError(
+                f"{rec_path}: image record {a} is labelled {got} in its header but "
+                f"identity record {id_keys[c]} (identity {c}) claims it; labels are "
+                "not in identity-record order: use labels_from='headers'")
     else:
-      image_keys = np.array(sorted(k for k in rec.keys), dtype=np.int64)
-      labels = np.array([_scalar_label(rec.read_header_idx(k).label) for k in image_keys],
-                        np.int64)
+      keys, label_list = [], []
+      for k in sorted(rec.keys):
+        h, payload_len = rec._header_and_payload_len(k)  # pylint: disable=protected-access
+        if has_record0 and payload_len == 0:
+          continue  # record 0 / identity records
+        keys.append(k)
+        label_list.append(_scalar_label(h.label))
+      image_keys = np.array(keys, dtype=np.int64)
+      labels = np.array(label_list, np.int64)
   finally:
     rec.close()
 
