@@ -54,9 +54,11 @@ class ArraySource:
 class RecordIOSource:
   """insightface ``train.rec`` / ``train.idx`` / ``property`` folder, read without MXNet."""
 
-  def __init__(self, directory: str | os.PathLike, *, prefix: str = "train"):
+  def __init__(self, directory: str | os.PathLike, *, prefix: str = "train",
+               labels_from: str = "auto"):
     self.directory = os.fspath(directory)
-    self.info = recordio.read_insightface_rec(self.directory, prefix=prefix)
+    self.info = recordio.read_insightface_rec(self.directory, prefix=prefix,
+                                              labels_from=labels_from)
     self.num_classes = self.info.num_classes
     self.image_size = self.info.image_size
     self._reader = None
