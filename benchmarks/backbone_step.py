@@ -1,5 +1,10 @@
 """IResNet training step on CPU: x2jax (conv impl "xla" / "im2col") vs PyTorch.
 
+Configs: ``jax-xla`` and ``jax-im2col`` (``conv_impl``; im2col = matmul weight
+gradients where ``fast_conv.weight_grad_method`` picks them), ``torch-nchw``,
+``torch-channels_last``; optional ``jax-im2col_all`` (matmul weight gradient on
+every conv).
+
 One step = forward in train mode (batch statistics), loss ``mean(embedding**2)``,
 backward, SGD momentum 0.9 + weight decay 5e-4 (optax / torch.optim.SGD), BN
 running statistics updated. Same architecture on both sides (PyTorch:
@@ -21,6 +26,7 @@ IResNet-50 at batch 32 costs tens of seconds per step on a 2-core CPU: keep
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -31,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 CONFIGS = ("jax-xla", "jax-im2col", "torch-nchw", "torch-channels_last")
+EXTRA_CONFIGS = ("jax-im2col_all",)  # matmul weight gradient for every conv (no "auto" policy)
 TORCH_ARCHS = {  # layers, widths (insightface IResNet; r18_tiny = x2jax's small CPU model)
     "r18": ((2, 2, 2, 2), (64, 128, 256, 512)),
     "r34": ((3, 4, 6, 3), (64, 128, 256, 512)),
@@ -50,8 +57,10 @@ def _worker_jax(args, impl: str) -> dict:
     import numpy as np
     import optax
 
-    from x2jax.models import registry
+    from x2jax.models import fast_conv, layers, registry
 
+    layers.register_conv_impl("im2col_all", functools.partial(fast_conv.conv2d_im2col,
+                                                              weight_grad="matmul"))
     module = registry.get_model(args.arch, embedding_size=args.embedding, image_size=args.image_size,
                                 conv_impl=impl)
     variables = registry.init_variables(module, jax.random.key(0))
@@ -145,7 +154,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compile")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated subset of {CONFIGS}")
+                        help=f"comma-separated subset of {CONFIGS + EXTRA_CONFIGS}")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     _common.set_threads(args.threads)
@@ -154,7 +163,7 @@ def main() -> None:
         return
 
     configs = [c for c in args.configs.split(",") if c]
-    bad = set(configs) - set(CONFIGS)
+    bad = set(configs) - set(CONFIGS + EXTRA_CONFIGS)
     if bad:
         parser.error(f"unknown configs {sorted(bad)}; known: {CONFIGS}")
     print(f"# backbone step: {args.arch}, batch {args.batch}, {args.image_size}x{args.image_size}, "
