@@ -289,7 +289,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--images", type=int, default=2000, help="images in the benchmark .rec")
   ap.add_argument("--batch-size", type=int, default=128)
-  ap.add_argument("--batches", type=int, default=10, help="timed batches per loader row")
+  ap.add_argument("--batches", type=int, default=16, help="timed batches per loader row")
   ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   ap.add_argument("--read-threads", type=int, default=2)
   ap.add_argument("--step-models", default="r18_tiny@32,r18@112,r50@112",

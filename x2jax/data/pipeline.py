@@ -9,7 +9,8 @@ Stream (one per process)::
   -> decode (JPEG / PNG via PIL, or an already decoded array)
   -> random horizontal flip (p = 0.5, a splitmix64 hash of (seed, shard, position))
   -> batch ``batch_size`` records, skipping undecodable ones (or raising)
-  -> normalise ``(x / 255 - 0.5) / 0.5`` to float32
+  -> normalise ``(x / 255 - 0.5) / 0.5`` to float32 (in the consuming process:
+     worker processes send uint8 batches, a quarter of the bytes)
 
 Epochs are concatenated (a batch may straddle two epochs); ``num_epochs=None``
 is endless; with a finite count the last partial batch is dropped.
@@ -193,7 +194,9 @@ class _SkipBatchIterator(grain.DatasetIterator):
         continue
       images.append(record["image"])
       labels.append(record["label"])
-    return {"image": normalize(np.stack(images)), "label": np.asarray(labels, np.int32),
+    # uint8 here: with worker processes a quarter of the bytes cross the process
+    # boundary; TrainLoaderIterator normalises.
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
             _SKIPPED: np.int64(skipped)}
 
   def get_state(self) -> dict[str, Any]:
@@ -226,6 +229,7 @@ class TrainLoaderIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     batch = dict(next(self._parent))
     self.num_skipped += int(batch.pop(_SKIPPED))
+    batch["image"] = normalize(batch["image"])
     return batch
 
   def get_state(self) -> dict[str, Any]:
