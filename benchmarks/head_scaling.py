@@ -86,7 +86,7 @@ def _compiled_step(num_classes, rate, args):
 
 
 def _make_peer(num_classes, args, e, y):
-    """Unsharded peer: jit(margin_loss grad + optax) on one device.
+    """Unsharded peer: jit(margin_loss grads for W and embeddings + optax) on one device.
 
     Returns ``run()`` doing one timed step (state kept inside), after one
     compile step.
@@ -100,19 +100,21 @@ def _make_peer(num_classes, args, e, y):
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
 
     def step(w, st, e, y):
-        g = jax.grad(losses.margin_loss, argnums=1)(e, w, y, losses.x2_softmax)
-        u, st = tx.update(g, st, w)
-        return optax.apply_updates(w, u), st
+        # Like the head step: gradients for W and for the embeddings (the backbone's input).
+        g_e, g_w = jax.grad(losses.margin_loss, argnums=(0, 1))(e, w, y, losses.x2_softmax)
+        u, st = tx.update(g_w, st, w)
+        return optax.apply_updates(w, u), st, g_e
 
     step = jax.jit(step, donate_argnums=(0, 1))
     w = 0.01 * jax.random.normal(jax.random.key(0), (num_classes, args.dim), jnp.float32)
-    state = list(step(w, tx.init(w), e, y))
+    state = list(step(w, tx.init(w), e, y)[:2])
     jax.block_until_ready(state)
 
     def run():
         t = time.perf_counter()
-        state[:] = step(*state, e, y)
-        jax.block_until_ready(state)
+        w, st, g_e = step(*state, e, y)
+        jax.block_until_ready((w, st, g_e))
+        state[:] = [w, st]
         return time.perf_counter() - t
 
     return run
