@@ -11,7 +11,8 @@ running statistics updated. Same architecture on both sides (PyTorch:
 ``tests/torch_iresnet.py``, insightface's module structure).
 
 Every configuration runs in a fresh subprocess so that ``ru_maxrss`` (peak RSS)
-is its own. Reported per configuration: compile seconds (JAX: ``lower`` +
+is its own; with ``--interleave`` all run in one process, timed round-robin
+(fair when the machine's load changes; peak RSS then shared). Reported per configuration: compile seconds (JAX: ``lower`` +
 ``compile`` of the jitted step, no persistent cache; torch: none), median step
 seconds over ``--steps`` timed steps after ``--warmup`` untimed ones, images/s,
 peak RSS, and the ratio of images/s to the PyTorch configuration measured in
@@ -50,7 +51,7 @@ TORCH_ARCHS = {  # layers, widths (insightface IResNet; r18_tiny = x2jax's small
 # ----------------------------------------------------------------------------- workers
 
 
-def _worker_jax(args, impl: str) -> dict:
+def _build_jax(args, impl: str) -> tuple:
     sys.path.insert(0, _common.REPO)
     import jax
     import jax.numpy as jnp
@@ -97,11 +98,10 @@ def _worker_jax(args, impl: str) -> dict:
         jax.block_until_ready(loss)
         state[:] = [p, s, o]
 
-    times = _common.time_fn(run, warmup=args.warmup, repeats=args.steps)
-    return {"compile_s": compile_s, "times": times, "xla_flops": flops, "jax": jax.__version__}
+    return run, {"compile_s": compile_s, "xla_flops": flops, "jax": jax.__version__}
 
 
-def _worker_torch(args, channels_last: bool) -> dict:
+def _build_torch(args, channels_last: bool) -> tuple:
     sys.path.insert(0, os.path.join(_common.REPO, "tests"))
     import torch
 
@@ -125,19 +125,25 @@ def _worker_torch(args, channels_last: bool) -> dict:
         loss.backward()
         opt.step()
 
-    times = _common.time_fn(run, warmup=args.warmup, repeats=args.steps)
-    return {"compile_s": 0.0, "times": times, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
+    return run, {"compile_s": 0.0, "torch": torch.__version__,
+                 "torch_threads": torch.get_num_threads()}
 
 
 def worker(args) -> None:
-    config = args.worker
-    if config.startswith("jax-"):
-        out = _worker_jax(args, config[len("jax-"):])
-    else:
-        out = _worker_torch(args, channels_last=config == "torch-channels_last")
-    out["peak_rss_gib"] = _common.peak_rss_gib()
-    print("RESULT " + json.dumps(out), flush=True)
+    """Builds every config of ``args.worker`` (comma-separated) in this process and times
+    them (round-robin when there are several); prints one RESULT line per config."""
+    runs, infos = {}, {}
+    for config in args.worker.split(","):
+        if config.startswith("jax-"):
+            runs[config], infos[config] = _build_jax(args, config[len("jax-"):])
+        else:
+            runs[config], infos[config] = _build_torch(args, config == "torch-channels_last")
+    times = _common.time_interleaved(runs, warmup=args.warmup, repeats=args.steps)
+    rss = _common.peak_rss_gib()
+    for config in runs:
+        out = dict(infos[config], config=config, times=times[config],
+                   peak_rss_gib=rss if len(runs) == 1 else None)
+        print("RESULT " + json.dumps(out), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -155,6 +161,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated subset of {CONFIGS + EXTRA_CONFIGS}")
+    parser.add_argument("--interleave", action="store_true",
+                        help="build all configs in one process and time them round-robin "
+                             "(fair under changing load; peak RSS then not per config)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     _common.set_threads(args.threads)
@@ -170,8 +179,9 @@ def main() -> None:
           f"{args.steps} timed steps after {args.warmup} warmup, {args.threads} threads")
     print(f"# machine: {_common.machine_line()}", flush=True)
     results = {}
-    for config in configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", config,
+    groups = [",".join(configs)] if args.interleave else configs
+    for group in groups:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", group,
                "--arch", args.arch, "--batch", str(args.batch), "--image-size", str(args.image_size),
                "--embedding", str(args.embedding), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads)]
@@ -180,13 +190,15 @@ def main() -> None:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
-            print(f"{config}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+            print(f"{group}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
             continue
-        res = json.loads(lines[-1][len("RESULT "):])
-        res["step_s"] = _common.median(res["times"])
-        res["images_per_s"] = args.batch / res["step_s"]
-        results[config] = res
-        print(f"# {config}: done in {time.perf_counter() - t0:.0f} s, steps {res['times']}", flush=True)
+        for line in lines:
+            res = json.loads(line[len("RESULT "):])
+            res["step_s"] = _common.median(res["times"])
+            res["images_per_s"] = args.batch / res["step_s"]
+            results[res["config"]] = res
+            print(f"# {res['config']}: steps {[round(t, 3) for t in res['times']]}", flush=True)
+        print(f"# {group}: process done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     torch_ref = max((results[c]["images_per_s"] for c in results if c.startswith("torch")),
                     default=None)
@@ -198,7 +210,7 @@ def main() -> None:
             gflops = results["jax-xla"]["xla_flops"] / res["step_s"] / 1e9
         rows.append([
             config, f"{res['compile_s']:.1f}", f"{res['step_s']:.3f}", f"{res['images_per_s']:.2f}",
-            f"{res['peak_rss_gib']:.2f}",
+            f"{res['peak_rss_gib']:.2f}" if res["peak_rss_gib"] is not None else "(shared)",
             f"{gflops:.1f}" if gflops else "-",
             f"{res['images_per_s'] / xla_ref:.2f}" if xla_ref else "-",
             f"{res['images_per_s'] / torch_ref:.2f}" if torch_ref else "-",

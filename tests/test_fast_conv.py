@@ -61,11 +61,8 @@ def _value_and_grads(fn, x, kernel, g):
     return y, dx, dw
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[5]}s{c[6]}c{c[3]}o{c[4]}p{c[7]}")
-def test_float32_equals_lax_and_float64(case):
-    x, kernel, g = _inputs(case, jnp.float32)
-    stride, pad = case[6], case[7]
-
+def _ours_and_lax(x, kernel, g, stride, pad):
+    """(y, dx, dW) of conv2d_im2col (matmul weight gradient) and of lax, in one jit."""
     @jax.jit
     def both(a, k, ct):
         ours = _value_and_grads(lambda a, k: fast_conv.conv2d_im2col(
@@ -73,8 +70,14 @@ def test_float32_equals_lax_and_float64(case):
         ref = _value_and_grads(lambda a, k: lax.conv_general_dilated(
             a, k, (stride, stride), pad, dimension_numbers=DN), a, k, ct)
         return ours, ref
+    return both(x, kernel, g)
 
-    ours, ref = both(x, kernel, g)
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[5]}s{c[6]}c{c[3]}o{c[4]}p{c[7]}")
+def test_float32_equals_lax_and_float64(case):
+    x, kernel, g = _inputs(case, jnp.float32)
+    stride, pad = case[6], case[7]
+    ours, ref = _ours_and_lax(x, kernel, g, stride, pad)
     exact = _numpy_reference(x, kernel, g, stride, pad)
     for name, a, b, e in zip(("y", "dx", "dW"), ours, ref, exact):
         assert a.shape == b.shape == e.shape and a.dtype == jnp.float32, name
@@ -89,10 +92,7 @@ def test_float32_equals_lax_and_float64(case):
 def test_bfloat16_within_one_rounding_of_exact(case):
     x, kernel, g = _inputs(case, jnp.bfloat16, seed=1)
     stride, pad = case[6], case[7]
-    ours = _value_and_grads(lambda a, k: fast_conv.conv2d_im2col(
-        a, k, strides=(stride, stride), padding=pad, weight_grad="matmul"), x, kernel, g)
-    ref = _value_and_grads(lambda a, k: lax.conv_general_dilated(
-        a, k, (stride, stride), pad, dimension_numbers=DN), x, kernel, g)
+    ours, ref = _ours_and_lax(x, kernel, g, stride, pad)
     exact = _numpy_reference(x, kernel, g, stride, pad)  # of the bf16-valued inputs
     for name, a, b, e in zip(("y", "dx", "dW"), ours, ref, exact):
         assert a.dtype == b.dtype == jnp.bfloat16, name
@@ -120,7 +120,9 @@ def test_grouped_conv_falls_back_to_xla():
     r = lambda a, k: lax.conv_general_dilated(a, k, (2, 2), pad, dimension_numbers=DN,
                                               feature_group_count=6)
     g = jnp.ones((2, 4, 4, 6))
-    for a, b in zip(_value_and_grads(f, x, kernel, g), _value_and_grads(r, x, kernel, g)):
+    both = jax.jit(lambda a, k, ct: (_value_and_grads(f, a, k, ct), _value_and_grads(r, a, k, ct)))
+    ours, ref = both(x, kernel, g)
+    for a, b in zip(ours, ref):
         np.testing.assert_array_equal(a, b)
 
 
@@ -149,10 +151,10 @@ def test_auto_uses_matmul_gradients_on_cpu_only():
 
 def test_r18_tiny_train_step_equal_between_impls():
     """Whole backbone, train mode: embeddings, BN statistics and every parameter gradient."""
-    images = jax.random.normal(jax.random.key(4), (4, 32, 32, 3))
+    images = jax.random.normal(jax.random.key(4), (4, 16, 16, 3))
     out = {}
     for impl in ("xla", "im2col"):
-        module = registry.get_model("r18_tiny", embedding_size=32, image_size=32, conv_impl=impl)
+        module = registry.get_model("r18_tiny", embedding_size=32, image_size=16, conv_impl=impl)
         variables = registry.init_variables(module, jax.random.key(0))
 
         def loss_fn(params):
@@ -165,11 +167,13 @@ def test_r18_tiny_train_step_equal_between_impls():
     flat_x = jax.tree_util.tree_flatten_with_path(out["xla"])[0]
     flat_i = jax.tree.leaves(out["im2col"])
     assert len(flat_x) == len(flat_i) > 20
+    grad_scale = max(np.abs(np.asarray(v)).max() for v in jax.tree.leaves(out["xla"][1]))
     for (path, a), b in zip(flat_x, flat_i):
         a, b = np.asarray(a), np.asarray(b)
-        scale = max(np.abs(a).max(), 1e-30)
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * scale,
-                                   err_msg=jax.tree_util.keystr(path))
+        # relative to the leaf, with a floor for leaves that are zero up to rounding
+        # (e.g. the bias of a BN that feeds another BN)
+        atol = 1e-4 * np.abs(a).max() + 1e-7 * grad_scale
+        np.testing.assert_allclose(b, a, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
     conv_grads = [v for p, v in jax.tree_util.tree_flatten_with_path(out["xla"][1])[0]
                   if "kernel" in jax.tree_util.keystr(p)]
     assert conv_grads and all(np.abs(np.asarray(v)).max() > 0 for v in conv_grads)
