@@ -24,7 +24,7 @@ import ml_collections
 from x2jax import losses
 
 DTYPES = ("float32", "bfloat16", "float16")
-DATASETS = ("synthetic", "insightface_rec", "image_folder")
+DATASETS = ("synthetic", "insightface_rec", "image_folder", "tfds")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,12 +32,14 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     # Data: name in DATASETS; path: dataset directory (insightface_rec: train.rec/idx/property;
-    # image_folder: root/<identity>/<image>); variant: synthetic config name ('small', 'large').
+    # image_folder: root/<identity>/<image>) or, for tfds, "builder/config" (e.g.
+    # "insightface_rec/ms1mv3") prepared in tfds_data_dir; variant: synthetic config name.
     c.data = ml_collections.ConfigDict(
         dict(
             name="synthetic",
             variant="small",
             path="",
+            tfds_data_dir="",
             batch_size=128,  # global batch (all devices and processes)
             flip=True,
             worker_count=0,
@@ -214,7 +216,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d.name != "synthetic":
         if not d.path:
             raise ValueError(f"data.path is required for data.name={d.name!r}")
-        if not Path(os.path.expanduser(d.path)).exists():
+        if d.name != "tfds" and not Path(os.path.expanduser(d.path)).exists():
             raise ValueError(f"data.path {d.path!r} does not exist")
     if d.batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
