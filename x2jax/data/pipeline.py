@@ -42,83 +42,98 @@ _SKIPPED = "num_skipped"
 
 
 class CorruptImageError(ValueError):
-  """A training record could not be decoded (or has the wrong size)."""
+    """A training record could not be decoded (or has the wrong size)."""
 
 
 # ---------------------------------------------------------------------------
 # Index space: per-epoch global shuffle, then a strided per-process shard.
 class _EpochShardDataset(grain.MapDataset):
-  """Position k of shard i reads record ``P_e[(k % per) * n + i]``, ``e = k // per``.
+    """Position k of shard i reads record ``P_e[(k % per) * n + i]``, ``e = k // per``.
 
-  ``P_e = np.random.default_rng([seed, e]).permutation(L)``: the same on every
-  process, a new one each epoch (the latest two are cached).
-  """
+    ``P_e = np.random.default_rng([seed, e]).permutation(L)``: the same on every
+    process, a new one each epoch (the latest two are cached).
+    """
 
-  def __init__(self, parent: grain.MapDataset, *, seed: int, shard_index: int,
-               shard_count: int, num_epochs: int | None):
-    super().__init__(parent)
-    self._len_source = len(parent)
-    self._seed = seed
-    self._shard_index = shard_index
-    self._shard_count = shard_count
-    self._per_shard = self._len_source // shard_count
-    self._num_epochs = num_epochs
-    self._perms: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()
-    if self._per_shard == 0:
-      raise ValueError(f"source of {self._len_source} records is smaller than "
-                       f"shard_count={shard_count}")
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        *,
+        seed: int,
+        shard_index: int,
+        shard_count: int,
+        num_epochs: int | None,
+    ):
+        super().__init__(parent)
+        self._len_source = len(parent)
+        self._seed = seed
+        self._shard_index = shard_index
+        self._shard_count = shard_count
+        self._per_shard = self._len_source // shard_count
+        self._num_epochs = num_epochs
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        if self._per_shard == 0:
+            raise ValueError(
+                f"source of {self._len_source} records is smaller than shard_count={shard_count}"
+            )
 
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_perms"], state["_lock"] = {}, None
-    return state
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_perms"], state["_lock"] = {}, None
+        return state
 
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
-  def __len__(self) -> int:
-    if self._num_epochs is None:
-      return sys.maxsize
-    return self._per_shard * self._num_epochs
+    def __len__(self) -> int:
+        if self._num_epochs is None:
+            return sys.maxsize
+        return self._per_shard * self._num_epochs
 
-  def _permutation(self, epoch: int) -> np.ndarray:
-    perm = self._perms.get(epoch)
-    if perm is None:
-      with self._lock:
+    def _permutation(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
         if perm is None:
-          # int32 halves the memory of 42M-image permutations; same order as permutation(L).
-          dtype = np.int32 if self._len_source < 2**31 else np.int64
-          perm = np.arange(self._len_source, dtype=dtype)
-          np.random.default_rng([self._seed, epoch]).shuffle(perm)
-          self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-          self._perms[epoch] = perm
-    return perm
+            with self._lock:
+                perm = self._perms.get(epoch)
+                if perm is None:
+                    # int32 halves the memory of 42M-image permutations; same order as permutation(L).
+                    dtype = np.int32 if self._len_source < 2**31 else np.int64
+                    perm = np.arange(self._len_source, dtype=dtype)
+                    np.random.default_rng([self._seed, epoch]).shuffle(perm)
+                    self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+                    self._perms[epoch] = perm
+        return perm
 
-  def source_index(self, k: int) -> int:
-    epoch, j = divmod(k, self._per_shard)
-    return int(self._permutation(epoch)[j * self._shard_count + self._shard_index])
+    def source_index(self, k: int) -> int:
+        epoch, j = divmod(k, self._per_shard)
+        return int(self._permutation(epoch)[j * self._shard_count + self._shard_index])
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    return self._parent[self.source_index(index)]
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self.source_index(index)]
 
-  def __str__(self) -> str:
-    return (f"_EpochShardDataset(shard={self._shard_index}/{self._shard_count}, "
-            f"per_shard={self._per_shard}, num_epochs={self._num_epochs})")
+    def __str__(self) -> str:
+        return (
+            f"_EpochShardDataset(shard={self._shard_index}/{self._shard_count}, "
+            f"per_shard={self._per_shard}, num_epochs={self._num_epochs})"
+        )
 
 
-def shard_positions(num_records: int, *, seed: int, shard_index: int, shard_count: int,
-                    epoch: int) -> np.ndarray:
-  """The source indices shard ``shard_index`` reads in ``epoch`` (for tests / audits)."""
-  sharded = _EpochShardDataset(grain.MapDataset.range(num_records), seed=seed,
-                               shard_index=shard_index, shard_count=shard_count,
-                               num_epochs=None)
-  per = num_records // shard_count
-  return np.array([sharded.source_index(epoch * per + j) for j in range(per)], np.int64)
+def shard_positions(
+    num_records: int, *, seed: int, shard_index: int, shard_count: int, epoch: int
+) -> np.ndarray:
+    """The source indices shard ``shard_index`` reads in ``epoch`` (for tests / audits)."""
+    sharded = _EpochShardDataset(
+        grain.MapDataset.range(num_records),
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_epochs=None,
+    )
+    per = num_records // shard_count
+    return np.array([sharded.source_index(epoch * per + j) for j in range(per)], np.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -127,216 +142,243 @@ _MASK64 = (1 << 64) - 1
 
 
 def flip_bit(seed: int, index: int) -> bool:
-  """Deterministic fair coin for stream position ``index`` (splitmix64 of seed, index)."""
-  z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
-  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-  return bool((z ^ (z >> 31)) & 1)
+    """Deterministic fair coin for stream position ``index`` (splitmix64 of seed, index)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return bool((z ^ (z >> 31)) & 1)
 
 
 class _DecodeFlip:
-  """(position, record) -> {'image': uint8 (H, W, 3) or None, 'label', 'key', 'error'}.
+    """(position, record) -> {'image': uint8 (H, W, 3) or None, 'label', 'key', 'error'}.
 
-  Decodes, checks the size, and mirrors the image when ``flip_bit(flip_seed, position)``.
-  """
+    Decodes, checks the size, and mirrors the image when ``flip_bit(flip_seed, position)``.
+    """
 
-  def __init__(self, image_size: tuple[int, int] | None, on_corrupt: str,
-               flip_seed: int | None):
-    self.image_size = None if image_size is None else tuple(image_size)
-    self.on_corrupt = on_corrupt
-    self.flip_seed = flip_seed
+    def __init__(self, image_size: tuple[int, int] | None, on_corrupt: str, flip_seed: int | None):
+        self.image_size = None if image_size is None else tuple(image_size)
+        self.on_corrupt = on_corrupt
+        self.flip_seed = flip_seed
 
-  def __call__(self, position: int, record: dict[str, Any]) -> dict[str, Any]:
-    key = record.get("key", "?")
-    image = record["image"]
-    error = None
-    try:
-      if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
-        decoded = image
-      else:
-        decoded = decode_image(bytes(image))
-      if self.image_size is not None and decoded.shape[:2] != self.image_size:
-        raise ValueError(f"image size {decoded.shape[:2]} != expected {self.image_size}")
-    except ValueError as e:
-      error = str(e)
-      decoded = None
-      if self.on_corrupt == "raise":
-        raise CorruptImageError(f"{key}: {error}") from e
-    if (decoded is not None and self.flip_seed is not None
-        and flip_bit(self.flip_seed, position)):
-      decoded = decoded[:, ::-1]
-    return {"image": decoded, "label": np.int32(record["label"]), "key": key, "error": error}
+    def __call__(self, position: int, record: dict[str, Any]) -> dict[str, Any]:
+        key = record.get("key", "?")
+        image = record["image"]
+        error = None
+        try:
+            if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
+                decoded = image
+            else:
+                decoded = decode_image(bytes(image))
+            if self.image_size is not None and decoded.shape[:2] != self.image_size:
+                raise ValueError(f"image size {decoded.shape[:2]} != expected {self.image_size}")
+        except ValueError as e:
+            error = str(e)
+            decoded = None
+            if self.on_corrupt == "raise":
+                raise CorruptImageError(f"{key}: {error}") from e
+        if decoded is not None and self.flip_seed is not None and flip_bit(self.flip_seed, position):
+            decoded = decoded[:, ::-1]
+        return {"image": decoded, "label": np.int32(record["label"]), "key": key, "error": error}
 
 
 def normalize(images_uint8: np.ndarray) -> np.ndarray:
-  """uint8 (..., 3) -> float32 ``(x / 255 - 0.5) / 0.5 = x * 2/255 - 1`` in [-1, 1]."""
-  out = images_uint8.astype(np.float32)
-  out *= np.float32(2.0 / 255.0)
-  out -= np.float32(1.0)
-  return out
+    """uint8 (..., 3) -> float32 ``(x / 255 - 0.5) / 0.5 = x * 2/255 - 1`` in [-1, 1]."""
+    out = images_uint8.astype(np.float32)
+    out *= np.float32(2.0 / 255.0)
+    out -= np.float32(1.0)
+    return out
 
 
 # ---------------------------------------------------------------------------
 # Batching that skips corrupt records.
 class _SkipBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
 
-  def __init__(self, parent: grain.DatasetIterator, batch_size: int):
-    super().__init__(parent)
-    self._batch_size = batch_size
+    def __next__(self) -> dict[str, np.ndarray]:
+        images, labels, skipped = [], [], 0
+        while len(images) < self._batch_size:
+            record = next(self._parent)  # StopIteration drops the partial batch
+            if record["error"] is not None:
+                skipped += 1
+                log.warning("skipping corrupt training record %s: %s", record["key"], record["error"])
+                continue
+            images.append(record["image"])
+            labels.append(record["label"])
+        # uint8 here: with worker processes a quarter of the bytes cross the process
+        # boundary; TrainLoaderIterator normalises.
+        return {"image": np.stack(images), "label": np.asarray(labels, np.int32), _SKIPPED: np.int64(skipped)}
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    images, labels, skipped = [], [], 0
-    while len(images) < self._batch_size:
-      record = next(self._parent)  # StopIteration drops the partial batch
-      if record["error"] is not None:
-        skipped += 1
-        log.warning("skipping corrupt training record %s: %s", record["key"], record["error"])
-        continue
-      images.append(record["image"])
-      labels.append(record["label"])
-    # uint8 here: with worker processes a quarter of the bytes cross the process
-    # boundary; TrainLoaderIterator normalises.
-    return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
-            _SKIPPED: np.int64(skipped)}
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
 
-  def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state)
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
 
 
 class _SkipBatchDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
 
-  def __init__(self, parent: grain.IterDataset, batch_size: int):
-    super().__init__(parent)
-    self._batch_size = batch_size
-
-  def __iter__(self) -> _SkipBatchIterator:
-    return _SkipBatchIterator(self._parent.__iter__(), self._batch_size)
+    def __iter__(self) -> _SkipBatchIterator:
+        return _SkipBatchIterator(self._parent.__iter__(), self._batch_size)
 
 
 class TrainLoaderIterator(grain.DatasetIterator):
-  """Yields ``{'image', 'label'}`` batches; ``num_skipped`` counts corrupt records.
+    """Yields ``{'image', 'label'}`` batches; ``num_skipped`` counts corrupt records.
 
-  State: ``{'parent': <grain state>, 'num_skipped': int}`` (JSON).
-  """
+    State: ``{'parent': <grain state>, 'num_skipped': int}`` (JSON).
+    """
 
-  def __init__(self, parent: grain.DatasetIterator):
-    super().__init__(parent)
-    self.num_skipped = 0
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.num_skipped = 0
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = dict(next(self._parent))
-    self.num_skipped += int(batch.pop(_SKIPPED))
-    batch["image"] = normalize(batch["image"])
-    return batch
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self._parent))
+        self.num_skipped += int(batch.pop(_SKIPPED))
+        batch["image"] = normalize(batch["image"])
+        return batch
 
-  def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped}
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped}
 
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["parent"])
-    self.num_skipped = int(state["num_skipped"])
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.num_skipped = int(state["num_skipped"])
 
 
 class _TrainLoaderDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
 
-  def __init__(self, parent: grain.IterDataset):
-    super().__init__(parent)
-
-  def __iter__(self) -> TrainLoaderIterator:
-    return TrainLoaderIterator(self._parent.__iter__())
+    def __iter__(self) -> TrainLoaderIterator:
+        return TrainLoaderIterator(self._parent.__iter__())
 
 
 # ---------------------------------------------------------------------------
 def _ensure_absl_flags_parsed() -> None:
-  """grain's worker processes read absl flags; scripts without absl.app need this."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+    """grain's worker processes read absl flags; scripts without absl.app need this."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
-def make_train_dataset(source, *, batch_size: int, seed: int, shard_index: int,
-                       shard_count: int, flip: bool = True, num_epochs: int | None = None,
-                       worker_count: int = 0, worker_buffer_size: int = 2,
-                       read_threads: int | None = None,
-                       image_size: tuple[int, int] | None = None,
-                       on_corrupt: str = "skip") -> grain.IterDataset:
-  """The grain ``IterDataset`` behind :func:`make_train_loader` (same arguments)."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
-  if on_corrupt not in ("skip", "raise"):
-    raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-  if image_size is None:
-    image_size = getattr(source, "image_size", None)
-  if read_threads is None:
-    # Decoded in-memory arrays: a thread hand-off costs more than the read itself.
-    read_threads = 0 if isinstance(source, ArraySource) else 2
-  ds = _EpochShardDataset(grain.MapDataset.source(source), seed=seed, shard_index=shard_index,
-                          shard_count=shard_count, num_epochs=num_epochs)
-  flip_seed = (seed * 1_000_003 + shard_index) if flip else None
-  ds = ds.map_with_index(_DecodeFlip(image_size, on_corrupt, flip_seed))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                               prefetch_buffer_size=max(2 * batch_size, 16)))
-  it_ds = _SkipBatchDataset(it_ds, batch_size)
-  if worker_count > 0:
-    _ensure_absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
-  return _TrainLoaderDataset(it_ds)
+def make_train_dataset(
+    source,
+    *,
+    batch_size: int,
+    seed: int,
+    shard_index: int,
+    shard_count: int,
+    flip: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    read_threads: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    on_corrupt: str = "skip",
+) -> grain.IterDataset:
+    """The grain ``IterDataset`` behind :func:`make_train_loader` (same arguments)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    if on_corrupt not in ("skip", "raise"):
+        raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if image_size is None:
+        image_size = getattr(source, "image_size", None)
+    if read_threads is None:
+        # Decoded in-memory arrays: a thread hand-off costs more than the read itself.
+        read_threads = 0 if isinstance(source, ArraySource) else 2
+    ds = _EpochShardDataset(
+        grain.MapDataset.source(source),
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_epochs=num_epochs,
+    )
+    flip_seed = (seed * 1_000_003 + shard_index) if flip else None
+    ds = ds.map_with_index(_DecodeFlip(image_size, on_corrupt, flip_seed))
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 16))
+    )
+    it_ds = _SkipBatchDataset(it_ds, batch_size)
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
+        )
+    return _TrainLoaderDataset(it_ds)
 
 
-def make_train_loader(source, *, batch_size: int, seed: int, shard_index: int,
-                      shard_count: int, flip: bool = True, num_epochs: int | None = None,
-                      worker_count: int = 0, **kwargs) -> TrainLoaderIterator:
-  """Iterator of per-process batches ``{'image': float32 (B,H,W,3), 'label': int32 (B,)}``.
+def make_train_loader(
+    source,
+    *,
+    batch_size: int,
+    seed: int,
+    shard_index: int,
+    shard_count: int,
+    flip: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    **kwargs,
+) -> TrainLoaderIterator:
+    """Iterator of per-process batches ``{'image': float32 (B,H,W,3), 'label': int32 (B,)}``.
 
-  Args:
-    source: random-access source with ``len`` and ``[i] -> {'image', 'label', 'key'}``
-      (see ``x2jax.data.sources``); its ``image_size`` (H, W) is enforced.
-    batch_size: per-process batch size B.
-    seed: shuffle / flip seed; identical on all processes.
-    shard_index, shard_count: this process and the process count
-      (``jax.process_index()``, ``jax.process_count()``).
-    flip: random horizontal flip with p = 0.5.
-    num_epochs: ``None`` for an endless stream.
-    worker_count: grain worker processes (0: decode in threads of this
-      process). Workers are spawned: scripts need an ``if __name__ ==
-      "__main__":`` guard. The batch order depends on ``worker_count``: resume
-      with the same value.
-    kwargs: ``worker_buffer_size``, ``read_threads`` (threads decoding ahead in
-      each process; default 2, 0 for an in-memory ``ArraySource``), ``image_size``,
-      ``on_corrupt`` ('skip': count in ``iterator.num_skipped`` and log;
-      'raise': ``CorruptImageError`` naming the record).
-  """
-  ds = make_train_dataset(source, batch_size=batch_size, seed=seed, shard_index=shard_index,
-                          shard_count=shard_count, flip=flip, num_epochs=num_epochs,
-                          worker_count=worker_count, **kwargs)
-  return iter(ds)
+    Args:
+      source: random-access source with ``len`` and ``[i] -> {'image', 'label', 'key'}``
+        (see ``x2jax.data.sources``); its ``image_size`` (H, W) is enforced.
+      batch_size: per-process batch size B.
+      seed: shuffle / flip seed; identical on all processes.
+      shard_index, shard_count: this process and the process count
+        (``jax.process_index()``, ``jax.process_count()``).
+      flip: random horizontal flip with p = 0.5.
+      num_epochs: ``None`` for an endless stream.
+      worker_count: grain worker processes (0: decode in threads of this
+        process). Workers are spawned: scripts need an ``if __name__ ==
+        "__main__":`` guard. The batch order depends on ``worker_count``: resume
+        with the same value.
+      kwargs: ``worker_buffer_size``, ``read_threads`` (threads decoding ahead in
+        each process; default 2, 0 for an in-memory ``ArraySource``), ``image_size``,
+        ``on_corrupt`` ('skip': count in ``iterator.num_skipped`` and log;
+        'raise': ``CorruptImageError`` naming the record).
+    """
+    ds = make_train_dataset(
+        source,
+        batch_size=batch_size,
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        flip=flip,
+        num_epochs=num_epochs,
+        worker_count=worker_count,
+        **kwargs,
+    )
+    return iter(ds)
 
 
 def steps_per_epoch(source, *, batch_size: int, shard_count: int) -> int:
-  """Full batches per process per epoch (records per shard // batch_size)."""
-  return (len(source) // shard_count) // batch_size
+    """Full batches per process per epoch (records per shard // batch_size)."""
+    return (len(source) // shard_count) // batch_size
 
 
 # ---------------------------------------------------------------------------
 # Orbax checkpointing (grain's CheckpointHandler, registered with orbax args).
 def checkpoint_save_args(iterator: grain.DatasetIterator):
-  """Orbax args that save ``iterator``'s state, e.g. inside ``ocp.args.Composite``.
+    """Orbax args that save ``iterator``'s state, e.g. inside ``ocp.args.Composite``.
 
-  ``manager.save(step, args=ocp.args.Composite(data=checkpoint_save_args(it), ...))``
-  writes ``process_<i>-of-<n>.json`` (one per process).
-  """
-  return grain.checkpoint.CheckpointSave(iterator)
+    ``manager.save(step, args=ocp.args.Composite(data=checkpoint_save_args(it), ...))``
+    writes ``process_<i>-of-<n>.json`` (one per process).
+    """
+    return grain.checkpoint.CheckpointSave(iterator)
 
 
 def checkpoint_restore_args(iterator: grain.DatasetIterator):
-  """Orbax args that restore into ``iterator`` (a fresh loader built with the same args)."""
-  return grain.checkpoint.CheckpointRestore(iterator)
-
+    """Orbax args that restore into ``iterator`` (a fresh loader built with the same args)."""
+    return grain.checkpoint.CheckpointRestore(iterator)

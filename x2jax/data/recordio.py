@@ -56,501 +56,536 @@ array), id, id2 (uint64)."""
 
 
 class RecordIOError(ValueError):
-  """A RecordIO / .idx file is malformed (the message names file and byte offset)."""
+    """A RecordIO / .idx file is malformed (the message names file and byte offset)."""
 
 
 def _encode_lrecord(cflag: int, length: int) -> int:
-  return (cflag << 29) | length
+    return (cflag << 29) | length
 
 
 def _upper_align(length: int) -> int:
-  return (length + 3) & ~3
+    return (length + 3) & ~3
 
 
 class MXRecordIO:
-  """Sequential RecordIO reader / writer, ``flag`` is ``'r'`` or ``'w'``.
+    """Sequential RecordIO reader / writer, ``flag`` is ``'r'`` or ``'w'``.
 
-  ``read()`` returns the next record's bytes (continuation parts re-joined) or
-  ``None`` at the end of the file; ``write(buf)`` appends one record.
-  """
+    ``read()`` returns the next record's bytes (continuation parts re-joined) or
+    ``None`` at the end of the file; ``write(buf)`` appends one record.
+    """
 
-  def __init__(self, uri: str | os.PathLike, flag: str):
-    if flag not in ("r", "w"):
-      raise ValueError(f"flag must be 'r' or 'w', got {flag!r}")
-    self.uri = os.fspath(uri)
-    self.flag = flag
-    self._fd: int | None = None
-    self._pid: int | None = None
-    self._writer = None
-    self._pos = 0  # sequential read position
-    self.open()
+    def __init__(self, uri: str | os.PathLike, flag: str):
+        if flag not in ("r", "w"):
+            raise ValueError(f"flag must be 'r' or 'w', got {flag!r}")
+        self.uri = os.fspath(uri)
+        self.flag = flag
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._writer = None
+        self._pos = 0  # sequential read position
+        self.open()
 
-  # -- lifecycle -------------------------------------------------------------
-  def open(self) -> None:
-    if self.flag == "w":
-      self._writer = open(self.uri, "wb")
-    else:
-      if not os.path.isfile(self.uri):
-        raise FileNotFoundError(f"RecordIO file not found: {self.uri}")
-      self._fd = os.open(self.uri, os.O_RDONLY)
-      self._pid = os.getpid()
-      self._size = os.fstat(self._fd).st_size
-    self._pos = 0
+    # -- lifecycle -------------------------------------------------------------
+    def open(self) -> None:
+        if self.flag == "w":
+            self._writer = open(self.uri, "wb")
+        else:
+            if not os.path.isfile(self.uri):
+                raise FileNotFoundError(f"RecordIO file not found: {self.uri}")
+            self._fd = os.open(self.uri, os.O_RDONLY)
+            self._pid = os.getpid()
+            self._size = os.fstat(self._fd).st_size
+        self._pos = 0
 
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
-    if self._fd is not None and self._pid == os.getpid():
-      os.close(self._fd)
-    self._fd = None
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
 
-  def reset(self) -> None:
-    """Back to the start (reader) / truncate and restart (writer)."""
-    self.close()
-    self.open()
+    def reset(self) -> None:
+        """Back to the start (reader) / truncate and restart (writer)."""
+        self.close()
+        self.open()
 
-  def __enter__(self):
-    return self
+    def __enter__(self):
+        return self
 
-  def __exit__(self, *exc):
-    self.close()
+    def __exit__(self, *exc):
+        self.close()
 
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # pylint: disable=broad-except
-      pass
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pylint: disable=broad-except
+            pass
 
-  def __getstate__(self) -> dict[str, Any]:
-    if self.flag == "w":
-      raise TypeError(f"cannot pickle a RecordIO writer ({self.uri})")
-    state = dict(self.__dict__)
-    state["_fd"] = None
-    state["_pid"] = None
-    return state
+    def __getstate__(self) -> dict[str, Any]:
+        if self.flag == "w":
+            raise TypeError(f"cannot pickle a RecordIO writer ({self.uri})")
+        state = dict(self.__dict__)
+        state["_fd"] = None
+        state["_pid"] = None
+        return state
 
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__dict__.update(state)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
-  def _reader_fd(self) -> int:
-    if self.flag != "r":
-      raise ValueError(f"{self.uri} is open for writing, not reading")
-    if self._fd is None or self._pid != os.getpid():
-      # First use after unpickling or fork: one descriptor per process.
-      self._fd = os.open(self.uri, os.O_RDONLY)
-      self._pid = os.getpid()
-      self._size = os.fstat(self._fd).st_size
-    return self._fd
+    def _reader_fd(self) -> int:
+        if self.flag != "r":
+            raise ValueError(f"{self.uri} is open for writing, not reading")
+        if self._fd is None or self._pid != os.getpid():
+            # First use after unpickling or fork: one descriptor per process.
+            self._fd = os.open(self.uri, os.O_RDONLY)
+            self._pid = os.getpid()
+            self._size = os.fstat(self._fd).st_size
+        return self._fd
 
-  # -- writing ---------------------------------------------------------------
-  def tell(self) -> int:
-    if self._writer is not None:
-      return self._writer.tell()
-    return self._pos
+    # -- writing ---------------------------------------------------------------
+    def tell(self) -> int:
+        if self._writer is not None:
+            return self._writer.tell()
+        return self._pos
 
-  def write(self, buf: bytes) -> None:
-    """Appends one record, splitting at aligned magic words as dmlc does."""
-    if self._writer is None:
-      raise ValueError(f"{self.uri} is not open for writing")
-    data = bytes(buf)
-    length = len(data)
-    if length >= (1 << 29):
-      raise ValueError(f"record of {length} bytes is too long for RecordIO (< 2**29)")
-    out = self._writer
-    start = 0
-    for i in range(0, length - length % 4, 4):
-      if data[i:i + 4] == _MAGIC_BYTES:
-        cflag = 1 if start == 0 else 2
-        out.write(_FRAME.pack(MAGIC, _encode_lrecord(cflag, i - start)))
-        out.write(data[start:i])
-        start = i + 4
-    cflag = 3 if start != 0 else 0
-    out.write(_FRAME.pack(MAGIC, _encode_lrecord(cflag, length - start)))
-    out.write(data[start:])
-    pad = _upper_align(length) - length
-    if pad:
-      out.write(b"\0" * pad)
+    def write(self, buf: bytes) -> None:
+        """Appends one record, splitting at aligned magic words as dmlc does."""
+        if self._writer is None:
+            raise ValueError(f"{self.uri} is not open for writing")
+        data = bytes(buf)
+        length = len(data)
+        if length >= (1 << 29):
+            raise ValueError(f"record of {length} bytes is too long for RecordIO (< 2**29)")
+        out = self._writer
+        start = 0
+        for i in range(0, length - length % 4, 4):
+            if data[i : i + 4] == _MAGIC_BYTES:
+                cflag = 1 if start == 0 else 2
+                out.write(_FRAME.pack(MAGIC, _encode_lrecord(cflag, i - start)))
+                out.write(data[start:i])
+                start = i + 4
+        cflag = 3 if start != 0 else 0
+        out.write(_FRAME.pack(MAGIC, _encode_lrecord(cflag, length - start)))
+        out.write(data[start:])
+        pad = _upper_align(length) - length
+        if pad:
+            out.write(b"\0" * pad)
 
-  # -- reading ---------------------------------------------------------------
-  def _pread_exact(self, count: int, offset: int, what: str) -> bytes:
-    fd = self._reader_fd()
-    data = os.pread(fd, count, offset)
-    if len(data) != count:
-      raise RecordIOError(
-          f"{self.uri}: truncated {what} at byte offset {offset}: needed {count} "
-          f"bytes, the file ends after {len(data)} (file size {self._size})")
-    return data
+    # -- reading ---------------------------------------------------------------
+    def _pread_exact(self, count: int, offset: int, what: str) -> bytes:
+        fd = self._reader_fd()
+        data = os.pread(fd, count, offset)
+        if len(data) != count:
+            raise RecordIOError(
+                f"{self.uri}: truncated {what} at byte offset {offset}: needed {count} "
+                f"bytes, the file ends after {len(data)} (file size {self._size})"
+            )
+        return data
 
-  def read_at(self, offset: int) -> tuple[bytes, int]:
-    """Reads the record starting at byte ``offset``; returns (bytes, next offset)."""
-    parts = []
-    pos = offset
-    while True:
-      frame = self._pread_exact(8, pos, "record header")
-      magic, lrecord = _FRAME.unpack(frame)
-      if magic != MAGIC:
-        raise RecordIOError(
-            f"{self.uri}: bad magic word 0x{magic:08x} at byte offset {pos} "
-            f"(expected 0x{MAGIC:08x}); not a RecordIO file, or a wrong .idx offset")
-      cflag = lrecord >> 29
-      length = lrecord & _LENGTH_MASK
-      if parts and cflag not in (2, 3):
-        raise RecordIOError(
-            f"{self.uri}: continuation part with cflag {cflag} at byte offset {pos} "
-            f"(expected 2 or 3 after a cflag 1 part)")
-      if not parts and cflag in (2, 3):
-        raise RecordIOError(
-            f"{self.uri}: record at byte offset {pos} starts with cflag {cflag} "
-            "(a middle/last part); the offset is not the start of a record")
-      payload = self._pread_exact(_upper_align(length), pos + 8, "record payload")
-      parts.append(payload[:length])
-      pos += 8 + _upper_align(length)
-      if cflag in (0, 3):
-        break
-    return _MAGIC_BYTES.join(parts), pos
+    def read_at(self, offset: int) -> tuple[bytes, int]:
+        """Reads the record starting at byte ``offset``; returns (bytes, next offset)."""
+        parts = []
+        pos = offset
+        while True:
+            frame = self._pread_exact(8, pos, "record header")
+            magic, lrecord = _FRAME.unpack(frame)
+            if magic != MAGIC:
+                raise RecordIOError(
+                    f"{self.uri}: bad magic word 0x{magic:08x} at byte offset {pos} "
+                    f"(expected 0x{MAGIC:08x}); not a RecordIO file, or a wrong .idx offset"
+                )
+            cflag = lrecord >> 29
+            length = lrecord & _LENGTH_MASK
+            if parts and cflag not in (2, 3):
+                raise RecordIOError(
+                    f"{self.uri}: continuation part with cflag {cflag} at byte offset {pos} "
+                    f"(expected 2 or 3 after a cflag 1 part)"
+                )
+            if not parts and cflag in (2, 3):
+                raise RecordIOError(
+                    f"{self.uri}: record at byte offset {pos} starts with cflag {cflag} "
+                    "(a middle/last part); the offset is not the start of a record"
+                )
+            payload = self._pread_exact(_upper_align(length), pos + 8, "record payload")
+            parts.append(payload[:length])
+            pos += 8 + _upper_align(length)
+            if cflag in (0, 3):
+                break
+        return _MAGIC_BYTES.join(parts), pos
 
-  def read(self) -> bytes | None:
-    """Next record, or ``None`` at the end of the file."""
-    self._reader_fd()
-    if self._pos >= self._size:
-      return None
-    data, self._pos = self.read_at(self._pos)
-    return data
+    def read(self) -> bytes | None:
+        """Next record, or ``None`` at the end of the file."""
+        self._reader_fd()
+        if self._pos >= self._size:
+            return None
+        data, self._pos = self.read_at(self._pos)
+        return data
 
-  def seek_offset(self, offset: int) -> None:
-    self._pos = int(offset)
+    def seek_offset(self, offset: int) -> None:
+        self._pos = int(offset)
 
 
 class MXIndexedRecordIO(MXRecordIO):
-  """RecordIO with a ``.idx`` file for random access (``key<TAB>offset`` lines).
+    """RecordIO with a ``.idx`` file for random access (``key<TAB>offset`` lines).
 
-  ``MXIndexedRecordIO(idx_path, rec_path, 'r')``: ``.keys`` (in file order),
-  ``.idx`` (key -> byte offset), ``read_idx(key) -> bytes``.
-  ``MXIndexedRecordIO(idx_path, rec_path, 'w')``: ``write_idx(key, buf)``.
-  """
-
-  def __init__(self, idx_path: str | os.PathLike, uri: str | os.PathLike, flag: str,
-               key_type=int):
-    self.idx_path = os.fspath(idx_path)
-    self.key_type = key_type
-    self.idx: dict[Hashable, int] = {}
-    self.keys: list[Hashable] = []
-    self._fidx = None
-    super().__init__(uri, flag)
-
-  def open(self) -> None:
-    super().open()
-    self.idx = {}
-    self.keys = []
-    if self.flag == "w":
-      self._fidx = open(self.idx_path, "w")
-      return
-    if not os.path.isfile(self.idx_path):
-      raise FileNotFoundError(f"RecordIO index file not found: {self.idx_path}")
-    with open(self.idx_path) as f:
-      for line_no, line in enumerate(f, 1):
-        line = line.strip()
-        if not line:
-          continue
-        fields = line.split("\t")
-        try:
-          key, offset = self.key_type(fields[0]), int(fields[1])
-        except (IndexError, ValueError) as e:
-          raise RecordIOError(
-              f"{self.idx_path}:{line_no}: expected 'key<TAB>offset', got {line!r}") from e
-        if not 0 <= offset < self._size:
-          raise RecordIOError(
-              f"{self.idx_path}:{line_no}: offset {offset} of key {key!r} is outside "
-              f"{self.uri} (size {self._size})")
-        self.idx[key] = offset
-        self.keys.append(key)
-
-  def close(self) -> None:
-    if self._fidx is not None:
-      self._fidx.close()
-      self._fidx = None
-    super().close()
-
-  def __getstate__(self) -> dict[str, Any]:
-    state = super().__getstate__()
-    state["_fidx"] = None
-    return state
-
-  def seek(self, key: Hashable) -> None:
-    self.seek_offset(self._offset(key))
-
-  def _offset(self, key: Hashable) -> int:
-    try:
-      return self.idx[key]
-    except KeyError:
-      raise KeyError(f"key {key!r} not in {self.idx_path}") from None
-
-  def read_idx(self, key: Hashable) -> bytes:
-    """The record stored under ``key``."""
-    data, _ = self.read_at(self._offset(key))
-    return data
-
-  def read_header_idx(self, key: Hashable, max_labels: int = 2) -> IRHeader:
-    """Only the IRHeader of record ``key`` (reads a few dozen bytes, not the image).
-
-    Labels beyond ``max_labels`` are not read; falls back to a full read when
-    the header itself is split by a continuation record.
+    ``MXIndexedRecordIO(idx_path, rec_path, 'r')``: ``.keys`` (in file order),
+    ``.idx`` (key -> byte offset), ``read_idx(key) -> bytes``.
+    ``MXIndexedRecordIO(idx_path, rec_path, 'w')``: ``write_idx(key, buf)``.
     """
-    return self._header_and_payload_len(key, max_labels)[0]
 
-  def _header_and_payload_len(self, key: Hashable, max_labels: int = 2) -> tuple[IRHeader, int]:
-    """(IRHeader, bytes of payload after the header and its labels) of record ``key``."""
-    offset = self._offset(key)
-    want = _IR_SIZE + 4 * max_labels
-    frame = self._pread_exact(8, offset, "record header")
-    magic, lrecord = _FRAME.unpack(frame)
-    if magic != MAGIC or (lrecord >> 29) != 0:
-      header, payload = unpack(self.read_idx(key))
-      return header, len(payload)
-    length = lrecord & _LENGTH_MASK
-    data = self._pread_exact(min(want, length), offset + 8, "record payload")
-    if len(data) < _IR_SIZE:
-      raise RecordIOError(f"{self.uri}: record at byte offset {offset} has {length} bytes, "
-                          f"shorter than an IRHeader ({_IR_SIZE})")
-    header = IRHeader(*_IR_STRUCT.unpack_from(data))
-    if header.flag > 0:
-      n = min(header.flag, (len(data) - _IR_SIZE) // 4)
-      header = header._replace(label=np.frombuffer(data, np.float32, n, _IR_SIZE))
-    return header, length - _IR_SIZE - 4 * header.flag
+    def __init__(self, idx_path: str | os.PathLike, uri: str | os.PathLike, flag: str, key_type=int):
+        self.idx_path = os.fspath(idx_path)
+        self.key_type = key_type
+        self.idx: dict[Hashable, int] = {}
+        self.keys: list[Hashable] = []
+        self._fidx = None
+        super().__init__(uri, flag)
 
-  def write_idx(self, key: Hashable, buf: bytes) -> None:
-    """Appends record ``buf`` under ``key`` (and its offset to the .idx file)."""
-    pos = self.tell()
-    self.write(buf)
-    self._fidx.write(f"{key}\t{pos}\n")
-    self.idx[key] = pos
-    self.keys.append(key)
+    def open(self) -> None:
+        super().open()
+        self.idx = {}
+        self.keys = []
+        if self.flag == "w":
+            self._fidx = open(self.idx_path, "w")
+            return
+        if not os.path.isfile(self.idx_path):
+            raise FileNotFoundError(f"RecordIO index file not found: {self.idx_path}")
+        with open(self.idx_path) as f:
+            for line_no, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                fields = line.split("\t")
+                try:
+                    key, offset = self.key_type(fields[0]), int(fields[1])
+                except (IndexError, ValueError) as e:
+                    raise RecordIOError(
+                        f"{self.idx_path}:{line_no}: expected 'key<TAB>offset', got {line!r}"
+                    ) from e
+                if not 0 <= offset < self._size:
+                    raise RecordIOError(
+                        f"{self.idx_path}:{line_no}: offset {offset} of key {key!r} is outside "
+                        f"{self.uri} (size {self._size})"
+                    )
+                self.idx[key] = offset
+                self.keys.append(key)
+
+    def close(self) -> None:
+        if self._fidx is not None:
+            self._fidx.close()
+            self._fidx = None
+        super().close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_fidx"] = None
+        return state
+
+    def seek(self, key: Hashable) -> None:
+        self.seek_offset(self._offset(key))
+
+    def _offset(self, key: Hashable) -> int:
+        try:
+            return self.idx[key]
+        except KeyError:
+            raise KeyError(f"key {key!r} not in {self.idx_path}") from None
+
+    def read_idx(self, key: Hashable) -> bytes:
+        """The record stored under ``key``."""
+        data, _ = self.read_at(self._offset(key))
+        return data
+
+    def read_header_idx(self, key: Hashable, max_labels: int = 2) -> IRHeader:
+        """Only the IRHeader of record ``key`` (reads a few dozen bytes, not the image).
+
+        Labels beyond ``max_labels`` are not read; falls back to a full read when
+        the header itself is split by a continuation record.
+        """
+        return self._header_and_payload_len(key, max_labels)[0]
+
+    def _header_and_payload_len(self, key: Hashable, max_labels: int = 2) -> tuple[IRHeader, int]:
+        """(IRHeader, bytes of payload after the header and its labels) of record ``key``."""
+        offset = self._offset(key)
+        want = _IR_SIZE + 4 * max_labels
+        frame = self._pread_exact(8, offset, "record header")
+        magic, lrecord = _FRAME.unpack(frame)
+        if magic != MAGIC or (lrecord >> 29) != 0:
+            header, payload = unpack(self.read_idx(key))
+            return header, len(payload)
+        length = lrecord & _LENGTH_MASK
+        data = self._pread_exact(min(want, length), offset + 8, "record payload")
+        if len(data) < _IR_SIZE:
+            raise RecordIOError(
+                f"{self.uri}: record at byte offset {offset} has {length} bytes, "
+                f"shorter than an IRHeader ({_IR_SIZE})"
+            )
+        header = IRHeader(*_IR_STRUCT.unpack_from(data))
+        if header.flag > 0:
+            n = min(header.flag, (len(data) - _IR_SIZE) // 4)
+            header = header._replace(label=np.frombuffer(data, np.float32, n, _IR_SIZE))
+        return header, length - _IR_SIZE - 4 * header.flag
+
+    def write_idx(self, key: Hashable, buf: bytes) -> None:
+        """Appends record ``buf`` under ``key`` (and its offset to the .idx file)."""
+        pos = self.tell()
+        self.write(buf)
+        self._fidx.write(f"{key}\t{pos}\n")
+        self.idx[key] = pos
+        self.keys.append(key)
 
 
 # -- payload header ----------------------------------------------------------
 def pack(header: IRHeader | Sequence[Any], s: bytes) -> bytes:
-  """IRHeader + (flag float32 labels when the label is a sequence) + payload ``s``."""
-  header = IRHeader(*header)
-  if isinstance(header.label, numbers.Number):
-    header = header._replace(flag=0)
-    extra = b""
-  else:
-    label = np.asarray(header.label, dtype=np.float32).ravel()
-    header = header._replace(flag=label.size, label=0)
-    extra = label.astype("<f4").tobytes()
-  return _IR_STRUCT.pack(int(header.flag), float(header.label), int(header.id),
-                         int(header.id2)) + extra + bytes(s)
+    """IRHeader + (flag float32 labels when the label is a sequence) + payload ``s``."""
+    header = IRHeader(*header)
+    if isinstance(header.label, numbers.Number):
+        header = header._replace(flag=0)
+        extra = b""
+    else:
+        label = np.asarray(header.label, dtype=np.float32).ravel()
+        header = header._replace(flag=label.size, label=0)
+        extra = label.astype("<f4").tobytes()
+    return (
+        _IR_STRUCT.pack(int(header.flag), float(header.label), int(header.id), int(header.id2))
+        + extra
+        + bytes(s)
+    )
 
 
 def unpack(s: bytes) -> tuple[IRHeader, bytes]:
-  """Inverse of :func:`pack`: (IRHeader with label float or float32 array (flag,), payload)."""
-  if len(s) < _IR_SIZE:
-    raise RecordIOError(f"record of {len(s)} bytes is shorter than an IRHeader ({_IR_SIZE})")
-  header = IRHeader(*_IR_STRUCT.unpack_from(s))
-  s = s[_IR_SIZE:]
-  if header.flag > 0:
-    if len(s) < 4 * header.flag:
-      raise RecordIOError(
-          f"record header says {header.flag} float labels but only {len(s)} bytes follow")
-    header = header._replace(label=np.frombuffer(s, np.float32, header.flag).copy())
-    s = s[4 * header.flag:]
-  return header, s
+    """Inverse of :func:`pack`: (IRHeader with label float or float32 array (flag,), payload)."""
+    if len(s) < _IR_SIZE:
+        raise RecordIOError(f"record of {len(s)} bytes is shorter than an IRHeader ({_IR_SIZE})")
+    header = IRHeader(*_IR_STRUCT.unpack_from(s))
+    s = s[_IR_SIZE:]
+    if header.flag > 0:
+        if len(s) < 4 * header.flag:
+            raise RecordIOError(
+                f"record header says {header.flag} float labels but only {len(s)} bytes follow"
+            )
+        header = header._replace(label=np.frombuffer(s, np.float32, header.flag).copy())
+        s = s[4 * header.flag :]
+    return header, s
 
 
-def pack_img(header: IRHeader | Sequence[Any], img: np.ndarray, quality: int = 95,
-             img_fmt: str = ".jpg") -> bytes:
-  """Encodes an RGB uint8 (H, W, 3) image (JPEG or PNG, via PIL) and packs it.
+def pack_img(
+    header: IRHeader | Sequence[Any], img: np.ndarray, quality: int = 95, img_fmt: str = ".jpg"
+) -> bytes:
+    """Encodes an RGB uint8 (H, W, 3) image (JPEG or PNG, via PIL) and packs it.
 
-  Unlike MXNet (OpenCV, BGR arrays) the array here is RGB; the encoded file is
-  the same either way.
-  """
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  img = np.asarray(img)
-  if img.dtype != np.uint8 or img.ndim not in (2, 3):
-    raise ValueError(f"pack_img expects uint8 (H, W[, 3]), got {img.dtype} {img.shape}")
-  fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(img_fmt.lower())
-  if fmt is None:
-    raise ValueError(f"img_fmt must be .jpg or .png, got {img_fmt!r}")
-  buf = io.BytesIO()
-  kwargs = {"quality": quality} if fmt == "JPEG" else {}
-  Image.fromarray(img).save(buf, format=fmt, **kwargs)
-  return pack(header, buf.getvalue())
+    Unlike MXNet (OpenCV, BGR arrays) the array here is RGB; the encoded file is
+    the same either way.
+    """
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3):
+        raise ValueError(f"pack_img expects uint8 (H, W[, 3]), got {img.dtype} {img.shape}")
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(img_fmt.lower())
+    if fmt is None:
+        raise ValueError(f"img_fmt must be .jpg or .png, got {img_fmt!r}")
+    buf = io.BytesIO()
+    kwargs = {"quality": quality} if fmt == "JPEG" else {}
+    Image.fromarray(img).save(buf, format=fmt, **kwargs)
+    return pack(header, buf.getvalue())
 
 
 def decode_image(data: bytes) -> np.ndarray:
-  """Encoded image bytes -> RGB uint8 (H, W, 3). Raises ``ValueError`` if undecodable."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      return np.asarray(im.convert("RGB"))
-  except Exception as e:  # PIL raises several types (OSError, SyntaxError, ...)
-    raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from e
+    """Encoded image bytes -> RGB uint8 (H, W, 3). Raises ``ValueError`` if undecodable."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises several types (OSError, SyntaxError, ...)
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from e
 
 
 def unpack_img(s: bytes) -> tuple[IRHeader, np.ndarray]:
-  """(IRHeader, RGB uint8 (H, W, 3) image). MXNet's version returns BGR."""
-  header, payload = unpack(s)
-  return header, decode_image(payload)
+    """(IRHeader, RGB uint8 (H, W, 3) image). MXNet's version returns BGR."""
+    header, payload = unpack(s)
+    return header, decode_image(payload)
 
 
 # -- insightface layout ------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class InsightFaceRec:
-  """An insightface dataset folder: image record keys and their int labels."""
-  rec_path: str
-  idx_path: str
-  image_keys: np.ndarray  # int64 (N,)
-  labels: np.ndarray  # int32 (N,)
-  num_classes: int
-  image_size: tuple[int, int]  # (H, W) from `property`
+    """An insightface dataset folder: image record keys and their int labels."""
 
-  def reader(self) -> MXIndexedRecordIO:
-    return MXIndexedRecordIO(self.idx_path, self.rec_path, "r")
+    rec_path: str
+    idx_path: str
+    image_keys: np.ndarray  # int64 (N,)
+    labels: np.ndarray  # int32 (N,)
+    num_classes: int
+    image_size: tuple[int, int]  # (H, W) from `property`
+
+    def reader(self) -> MXIndexedRecordIO:
+        return MXIndexedRecordIO(self.idx_path, self.rec_path, "r")
 
 
 def _scalar_label(label: Any) -> float:
-  if isinstance(label, numbers.Number):
-    return float(label)
-  return float(np.asarray(label).ravel()[0])
+    if isinstance(label, numbers.Number):
+        return float(label)
+    return float(np.asarray(label).ravel()[0])
 
 
 def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
-  """``property`` file -> (num_classes, H, W)."""
-  path = os.fspath(path)
-  text = open(path).read().strip()
-  try:
-    num_classes, h, w = (int(v) for v in text.split(","))
-  except ValueError as e:
-    raise ValueError(f"{path}: expected 'num_classes,H,W', got {text!r}") from e
-  return num_classes, h, w
+    """``property`` file -> (num_classes, H, W)."""
+    path = os.fspath(path)
+    text = open(path).read().strip()
+    try:
+        num_classes, h, w = (int(v) for v in text.split(","))
+    except ValueError as e:
+        raise ValueError(f"{path}: expected 'num_classes,H,W', got {text!r}") from e
+    return num_classes, h, w
 
 
-def read_insightface_rec(directory: str | os.PathLike, *, prefix: str = "train",
-                         labels_from: str = "auto", check_labels: int = 1000) -> InsightFaceRec:
-  """Reads the index of ``<directory>/{train.rec, train.idx, property}``.
+def read_insightface_rec(
+    directory: str | os.PathLike,
+    *,
+    prefix: str = "train",
+    labels_from: str = "auto",
+    check_labels: int = 1000,
+) -> InsightFaceRec:
+    """Reads the index of ``<directory>/{train.rec, train.idx, property}``.
 
-  ``labels_from='auto'``: labels from the identity records (record 0 gives
-  their range; one small read per identity), checked against the image headers
-  of up to ``check_labels`` identities; falls back to 'headers' without record
-  0 or when record keys pass 2**24 (float32 labels stop being exact integers).
-  ``labels_from='headers'``: every image record's header (~40 bytes read each;
-  records with an empty payload, i.e. record 0 and identity records, are not
-  images). Raises with the path when files are missing and when labels fall
-  outside ``[0, num_classes)``.
-  """
-  if labels_from not in ("auto", "headers"):
-    raise ValueError(f"labels_from must be 'auto' or 'headers', got {labels_from!r}")
-  directory = os.fspath(directory)
-  rec_path = os.path.join(directory, f"{prefix}.rec")
-  idx_path = os.path.join(directory, f"{prefix}.idx")
-  for p in (rec_path, idx_path):
-    if not os.path.isfile(p):
-      raise FileNotFoundError(
-          f"insightface dataset file missing: {p} (expected {prefix}.rec, {prefix}.idx, "
-          f"property in {directory})")
-  prop_path = os.path.join(directory, "property")
-  prop = read_property(prop_path) if os.path.isfile(prop_path) else None
+    ``labels_from='auto'``: labels from the identity records (record 0 gives
+    their range; one small read per identity), checked against the image headers
+    of up to ``check_labels`` identities; falls back to 'headers' without record
+    0 or when record keys pass 2**24 (float32 labels stop being exact integers).
+    ``labels_from='headers'``: every image record's header (~40 bytes read each;
+    records with an empty payload, i.e. record 0 and identity records, are not
+    images). Raises with the path when files are missing and when labels fall
+    outside ``[0, num_classes)``.
+    """
+    if labels_from not in ("auto", "headers"):
+        raise ValueError(f"labels_from must be 'auto' or 'headers', got {labels_from!r}")
+    directory = os.fspath(directory)
+    rec_path = os.path.join(directory, f"{prefix}.rec")
+    idx_path = os.path.join(directory, f"{prefix}.idx")
+    for p in (rec_path, idx_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(
+                f"insightface dataset file missing: {p} (expected {prefix}.rec, {prefix}.idx, "
+                f"property in {directory})"
+            )
+    prop_path = os.path.join(directory, "property")
+    prop = read_property(prop_path) if os.path.isfile(prop_path) else None
 
-  rec = MXIndexedRecordIO(idx_path, rec_path, "r")
-  try:
-    header0 = rec.read_header_idx(0) if 0 in rec.idx else None
-    has_record0 = header0 is not None and header0.flag > 0
-    use_identity_records = (labels_from == "auto" and has_record0
-                            and float(np.max(header0.label[:2])) <= 2**24
-                            and int(header0.label[1]) > int(header0.label[0]))
-    if use_identity_records:
-      first_id, end_id = int(header0.label[0]), int(header0.label[1])
-      image_keys = np.arange(1, first_id, dtype=np.int64)
-      labels = np.full(image_keys.shape, -1, np.int64)
-      id_keys = range(first_id, end_id)
-      for c, key in enumerate(id_keys):
-        h = rec.read_header_idx(key)
-        if h.flag < 2:
-          raise RecordIOError(f"{rec_path}: identity record {key} has no (start, end) label")
-        a, b = int(h.label[0]), int(h.label[1])
-        if not 1 <= a <= b <= first_id:
-          raise RecordIOError(
-              f"{rec_path}: identity record {key} has image range ({a}, {b}) outside "
-              f"[1, {first_id})")
-        labels[a - 1:b - 1] = c
-      if (labels < 0).any():
-        missing = int(image_keys[np.argmax(labels < 0)])
-        raise RecordIOError(f"{rec_path}: image record {missing} belongs to no identity record")
-      step = max(1, len(id_keys) // max(1, check_labels))
-      for c in range(0, len(id_keys) if check_labels > 0 else 0, step):
-        h = rec.read_header_idx(id_keys[c])
-        a = int(h.label[0])
-        if a < int(h.label[1]):
-          got = _scalar_label(rec.read_header_idx(a).label)
-          if int(got) != c:
-            raise RecordIOError(
-                f"{rec_path}: image record {a} is labelled {got} in its header but "
-                f"identity record {id_keys[c]} (identity {c}) claims it; labels are "
-                "not in identity-record order: use labels_from='headers'")
-    else:
-      keys, label_list = [], []
-      for k in sorted(rec.keys):
-        h, payload_len = rec._header_and_payload_len(k)  # pylint: disable=protected-access
-        if has_record0 and payload_len == 0:
-          continue  # record 0 / identity records
-        keys.append(k)
-        label_list.append(_scalar_label(h.label))
-      image_keys = np.array(keys, dtype=np.int64)
-      labels = np.array(label_list, np.int64)
-  finally:
+    rec = MXIndexedRecordIO(idx_path, rec_path, "r")
+    try:
+        header0 = rec.read_header_idx(0) if 0 in rec.idx else None
+        has_record0 = header0 is not None and header0.flag > 0
+        use_identity_records = (
+            labels_from == "auto"
+            and has_record0
+            and float(np.max(header0.label[:2])) <= 2**24
+            and int(header0.label[1]) > int(header0.label[0])
+        )
+        if use_identity_records:
+            first_id, end_id = int(header0.label[0]), int(header0.label[1])
+            image_keys = np.arange(1, first_id, dtype=np.int64)
+            labels = np.full(image_keys.shape, -1, np.int64)
+            id_keys = range(first_id, end_id)
+            for c, key in enumerate(id_keys):
+                h = rec.read_header_idx(key)
+                if h.flag < 2:
+                    raise RecordIOError(f"{rec_path}: identity record {key} has no (start, end) label")
+                a, b = int(h.label[0]), int(h.label[1])
+                if not 1 <= a <= b <= first_id:
+                    raise RecordIOError(
+                        f"{rec_path}: identity record {key} has image range ({a}, {b}) outside "
+                        f"[1, {first_id})"
+                    )
+                labels[a - 1 : b - 1] = c
+            if (labels < 0).any():
+                missing = int(image_keys[np.argmax(labels < 0)])
+                raise RecordIOError(f"{rec_path}: image record {missing} belongs to no identity record")
+            step = max(1, len(id_keys) // max(1, check_labels))
+            for c in range(0, len(id_keys) if check_labels > 0 else 0, step):
+                h = rec.read_header_idx(id_keys[c])
+                a = int(h.label[0])
+                if a < int(h.label[1]):
+                    got = _scalar_label(rec.read_header_idx(a).label)
+                    if int(got) != c:
+                        raise RecordIOError(
+                            f"{rec_path}: image record {a} is labelled {got} in its header but "
+                            f"identity record {id_keys[c]} (identity {c}) claims it; labels are "
+                            "not in identity-record order: use labels_from='headers'"
+                        )
+        else:
+            keys, label_list = [], []
+            for k in sorted(rec.keys):
+                h, payload_len = rec._header_and_payload_len(k)  # pylint: disable=protected-access
+                if has_record0 and payload_len == 0:
+                    continue  # record 0 / identity records
+                keys.append(k)
+                label_list.append(_scalar_label(h.label))
+            image_keys = np.array(keys, dtype=np.int64)
+            labels = np.array(label_list, np.int64)
+    finally:
+        rec.close()
+
+    num_classes = prop[0] if prop else (int(labels.max()) + 1 if labels.size else 0)
+    image_size = (prop[1], prop[2]) if prop else (112, 112)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
+        raise RecordIOError(
+            f"{rec_path}: image record {int(image_keys[bad])} has label {int(labels[bad])} "
+            f"outside [0, {num_classes}) (num_classes from {prop_path if prop else 'the labels'})"
+        )
+    return InsightFaceRec(
+        rec_path, idx_path, image_keys, labels.astype(np.int32), int(num_classes), image_size
+    )
+
+
+def write_insightface_rec(
+    directory: str | os.PathLike,
+    images: Sequence[bytes] | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    *,
+    num_classes: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    quality: int = 95,
+    prefix: str = "train",
+) -> None:
+    """Writes insightface's layout: images sorted by label, identity records, record 0.
+
+    ``images`` is either a list of encoded bytes or a uint8 array (N, H, W, 3)
+    (encoded as JPEG here). Image ``i`` is stored with header label ``labels[i]``.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    labels = np.asarray(labels, np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    order = np.argsort(labels, kind="stable")
+    n = len(labels)
+    rec = MXIndexedRecordIO(
+        os.path.join(directory, f"{prefix}.idx"), os.path.join(directory, f"{prefix}.rec"), "w"
+    )
+    first_id = n + 1
+    rec.write_idx(0, pack(IRHeader(0, [first_id, first_id + num_classes], 0, 0), b""))
+    for key, i in enumerate(order, 1):
+        header = IRHeader(0, float(labels[i]), key, 0)
+        img = images[i]
+        if isinstance(img, (bytes, bytearray)):
+            rec.write_idx(key, pack(header, img))
+        else:
+            if image_size is None:
+                image_size = tuple(np.asarray(img).shape[:2])
+            rec.write_idx(key, pack_img(header, np.asarray(img), quality=quality))
+    sorted_labels = labels[order]
+    for c in range(num_classes):
+        start = int(np.searchsorted(sorted_labels, c, "left")) + 1
+        end = int(np.searchsorted(sorted_labels, c, "right")) + 1
+        rec.write_idx(first_id + c, pack(IRHeader(0, [start, end], 0, 0), b""))
     rec.close()
-
-  num_classes = prop[0] if prop else (int(labels.max()) + 1 if labels.size else 0)
-  image_size = (prop[1], prop[2]) if prop else (112, 112)
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
-    raise RecordIOError(
-        f"{rec_path}: image record {int(image_keys[bad])} has label {int(labels[bad])} "
-        f"outside [0, {num_classes}) (num_classes from {prop_path if prop else 'the labels'})")
-  return InsightFaceRec(rec_path, idx_path, image_keys, labels.astype(np.int32),
-                        int(num_classes), image_size)
-
-
-def write_insightface_rec(directory: str | os.PathLike, images: Sequence[bytes] | np.ndarray,
-                          labels: Sequence[int] | np.ndarray, *, num_classes: int | None = None,
-                          image_size: tuple[int, int] | None = None, quality: int = 95,
-                          prefix: str = "train") -> None:
-  """Writes insightface's layout: images sorted by label, identity records, record 0.
-
-  ``images`` is either a list of encoded bytes or a uint8 array (N, H, W, 3)
-  (encoded as JPEG here). Image ``i`` is stored with header label ``labels[i]``.
-  """
-  directory = os.fspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  labels = np.asarray(labels, np.int64)
-  if len(images) != len(labels):
-    raise ValueError(f"{len(images)} images but {len(labels)} labels")
-  num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
-  order = np.argsort(labels, kind="stable")
-  n = len(labels)
-  rec = MXIndexedRecordIO(os.path.join(directory, f"{prefix}.idx"),
-                          os.path.join(directory, f"{prefix}.rec"), "w")
-  first_id = n + 1
-  rec.write_idx(0, pack(IRHeader(0, [first_id, first_id + num_classes], 0, 0), b""))
-  for key, i in enumerate(order, 1):
-    header = IRHeader(0, float(labels[i]), key, 0)
-    img = images[i]
-    if isinstance(img, (bytes, bytearray)):
-      rec.write_idx(key, pack(header, img))
-    else:
-      if image_size is None:
-        image_size = tuple(np.asarray(img).shape[:2])
-      rec.write_idx(key, pack_img(header, np.asarray(img), quality=quality))
-  sorted_labels = labels[order]
-  for c in range(num_classes):
-    start = int(np.searchsorted(sorted_labels, c, "left")) + 1
-    end = int(np.searchsorted(sorted_labels, c, "right")) + 1
-    rec.write_idx(first_id + c, pack(IRHeader(0, [start, end], 0, 0), b""))
-  rec.close()
-  if image_size is None:
-    image_size = decode_image(images[0]).shape[:2] if n else (112, 112)
-  with open(os.path.join(directory, "property"), "w") as f:
-    f.write(f"{num_classes},{image_size[0]},{image_size[1]}\n")
+    if image_size is None:
+        image_size = decode_image(images[0]).shape[:2] if n else (112, 112)
+    with open(os.path.join(directory, "property"), "w") as f:
+        f.write(f"{num_classes},{image_size[0]},{image_size[1]}\n")
