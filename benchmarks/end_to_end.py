@@ -10,6 +10,11 @@ implementation, and the compilation cache directory. Per conv implementation:
 * ``cold``: an empty persistent compilation cache directory;
 * ``warm``: a second process with the same cache directory (what a restart sees).
 
+The last column splits the train step's jit (``jax.monitoring`` duration events of
+the function named ``step``): Python tracing, lowering to MLIR, and XLA compile
+(cold) or persistent-cache load (warm; the cache key is computed after lowering,
+so tracing and lowering are paid on every start).
+
 Reported: ``first_step_seconds`` from the returned summary (the first
 ``train_step`` call: tracing + compile or cache load + one step; data loading
 excluded), the steady images/s of the progress line (steps 2..N, measured by the
@@ -36,10 +41,30 @@ import _common  # noqa: E402
 CONFIG = os.path.join(_common.REPO, "configs", "synthetic_tiny_x2softmax.py")
 
 
+STEP_FUN_NAME = "step"  # x2jax.train.step.make_train_step's jitted function
+EVENTS = {  # jax.monitoring duration events -> column
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "compile_or_load_s",
+}
+
+
 def worker(args) -> None:
     sys.path.insert(0, _common.REPO)
+    import jax.monitoring
+
     from x2jax.train import config as config_lib
     from x2jax.train.loop import train
+
+    step_events: dict[str, float] = {}
+
+    def listener(event, duration, **kwargs):
+        if event in EVENTS and kwargs.get("fun_name") in (STEP_FUN_NAME, f"jit({STEP_FUN_NAME})"):
+            step_events[EVENTS[event]] = step_events.get(EVENTS[event], 0.0) + duration
+        elif event == "/jax/compilation_cache/cache_retrieval_time_sec":
+            step_events["max_cache_read_s"] = max(step_events.get("max_cache_read_s", 0.0), duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
 
     overrides = [f"num_steps={args.steps}", f"log_every_steps={args.steps}",
                  f"checkpoint.every_steps={args.steps}", f"model.conv_impl={args.impl}",
@@ -49,6 +74,7 @@ def worker(args) -> None:
     summary = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
     summary["batch_size"] = int(config.data.batch_size)
     summary["peak_rss_gib"] = _common.peak_rss_gib()
+    summary.update(step_events)
     print("RESULT " + json.dumps(summary), flush=True)
 
 
@@ -107,7 +133,9 @@ def main() -> None:
                              f"{s['first_step_seconds'] / steady:.1f}",
                              f"{s['images_per_second']:.0f}", f"{1 / steady:.2f}",
                              f"{s['process_wall_s']:.0f}", f"{s['peak_rss_gib']:.2f}",
-                             f"{s.get('loss', float('nan')):.3f}"])
+                             f"{s.get('loss', float('nan')):.3f}",
+                             " / ".join(f"{s.get(k, float('nan')):.2f}" for k in
+                                        ("trace_s", "lower_s", "compile_or_load_s"))])
                 print(f"# {impl} {phase}: done ({s['process_wall_s']:.0f} s)", flush=True)
     finally:
         if not args.keep:
@@ -115,7 +143,8 @@ def main() -> None:
     print()
     print(_common.markdown_table(
         ["conv impl", "cache", "first step s", "steady step s", "first / steady",
-         "images/s", "steps/s", "process wall s", "peak RSS GiB", "final loss"], rows))
+         "images/s", "steps/s", "process wall s", "peak RSS GiB", "final loss",
+         "train step trace / lower / compile-or-cache-load s"], rows))
     print(f"# finished: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
