@@ -9,10 +9,10 @@ and prints a markdown table:
   (dense, same shape) and of the momentum;
 * ``XLA peak / device``: ``compiled.memory_analysis()`` arguments + temporaries
   (outputs alias the donated W and momentum);
-* step time: best (min) of ``--steps`` steps after one warm-up step, the
-  unsharded peer's steps interleaved with ours; for 1 device
-  also a plain jitted ``losses.margin_loss`` + optax step on the same batch
-  (the unsharded peer) and the ratio.
+* step time: best (min) of ``--steps`` steps after one warm-up step; for 1
+  device also a plain jitted ``losses.margin_loss`` (gradients of W and of
+  the embeddings) + optax step on the same batch (the unsharded peer), its
+  steps interleaved with ours, and the ratio peer / ours.
 
 ``--max-classes`` fits bytes(C) = a + b * C per host from two compiled sizes
 (no allocation) and reports the largest C whose step fits in the host memory
@@ -64,8 +64,13 @@ def _compiled_step(num_classes, rate, args):
     import jax.numpy as jnp
     import optax
 
-    from x2jax.parallel import (batch_sharding, class_centers_sharding, make_mesh,
-                                num_class_shards, pad_num_classes)
+    from x2jax.parallel import (
+        batch_sharding,
+        class_centers_sharding,
+        make_mesh,
+        num_class_shards,
+        pad_num_classes,
+    )
     from x2jax.parallel.step import make_head_step
 
     mesh = make_mesh()
@@ -157,12 +162,12 @@ def worker(args):
                 peer_times.append(peer())
         loss = float(out.loss)
         del w, st, out, peer
-        print(json.dumps(dict(
-            devices=n, classes=num_classes, rows=rows, sample_rate=rate,
-            state_bytes_per_device=2 * shard_bytes + opt_bytes, xla_peak_per_device=peak,
-            compile_s=compile_s, first_step_s=first, step_s=min(times),
-            peer_step_s=min(peer_times) if peer_times else None, loss=loss,
-            maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)), flush=True)
+        print(json.dumps({
+            "devices": n, "classes": num_classes, "rows": rows, "sample_rate": rate,
+            "state_bytes_per_device": 2 * shard_bytes + opt_bytes, "xla_peak_per_device": peak,
+            "compile_s": compile_s, "first_step_s": first, "step_s": min(times),
+            "peer_step_s": min(peer_times) if peer_times else None, "loss": loss,
+            "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
 
 
 def max_classes_worker(args):
@@ -179,8 +184,8 @@ def max_classes_worker(args):
         a = p1 - b * c1
         budget = args.host_gib * GiB - args.reserve_gib * GiB
         cmax = int((budget - a) / b)
-        print(json.dumps(dict(devices=n, sample_rate=rate, bytes_per_class=b, fixed_bytes=a,
-                              budget=budget, max_classes=cmax)), flush=True)
+        print(json.dumps({"devices": n, "sample_rate": rate, "bytes_per_class": b, "fixed_bytes": a,
+                              "budget": budget, "max_classes": cmax}), flush=True)
 
 
 def verify_worker(args):
@@ -192,7 +197,7 @@ def verify_worker(args):
     from x2jax.parallel import init_class_centers
 
     c, rate = args.verify_classes, args.verify_rate
-    mesh, rows, step, init_opt, _, peak = _compiled_step(c, rate, args)
+    mesh, _, step, init_opt, _, peak = _compiled_step(c, rate, args)
     n = jax.device_count()
     from x2jax.parallel import batch_sharding, replicated
 
@@ -205,10 +210,10 @@ def verify_worker(args):
     t = time.perf_counter()
     out = step(w, st, e, y, jax.device_put(jax.random.key(1), replicated(mesh)))
     jax.block_until_ready(out.weight)
-    print(json.dumps(dict(devices=n, classes=c, sample_rate=rate, predicted_peak=peak * n,
-                          step_s=time.perf_counter() - t, loss=float(out.loss),
-                          finite=bool(np.isfinite(float(out.loss))),
-                          maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)),
+    print(json.dumps({"devices": n, "classes": c, "sample_rate": rate, "predicted_peak": peak * n,
+                          "step_s": time.perf_counter() - t, "loss": float(out.loss),
+                          "finite": bool(np.isfinite(float(out.loss))),
+                          "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
           flush=True)
 
 
@@ -224,7 +229,7 @@ def _run(args, n, mode, extra=()):
         cmd.append("--no-peer")
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"worker ({n} devices, {mode}) failed with {proc.returncode}")

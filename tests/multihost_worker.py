@@ -34,8 +34,12 @@ def run_step(mesh, e_local, w_full, y_local, sample_rate=1.0):
     import numpy as np
     import optax
 
-    from x2jax.parallel import (class_centers_sharding, host_local_to_global,
-                                num_class_shards, pad_num_classes)
+    from x2jax.parallel import (
+        class_centers_sharding,
+        host_local_to_global,
+        num_class_shards,
+        pad_num_classes,
+    )
     from x2jax.parallel.step import make_head_step
 
     rows = pad_num_classes(NUM_CLASSES, num_class_shards(mesh))

@@ -8,16 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from x2jax import losses
 from x2jax.parallel import (
-    class_centers_sharding, init_class_centers, make_mesh, masked_row_updates,
-    num_sampled_per_shard, pad_num_classes, sharded_margin_loss)
+    class_centers_sharding,
+    init_class_centers,
+    make_mesh,
+    masked_row_updates,
+    num_sampled_per_shard,
+    pad_num_classes,
+    sharded_margin_loss,
+)
 from x2jax.parallel.step import make_head_step
 
 B, D = 16, 32
-X2 = dict(scale=64.0, a=-0.9, h=0.0, k=0.65)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +254,7 @@ def test_partial_fc_keeps_positives_and_leaves_unsampled_rows_untouched(mesh):
 def test_partial_fc_gradient_only_on_sampled_rows(mesh):
     num_classes = 800
     e, w, y = _data(num_classes, seed=12)
-    (loss, aux), gw = jax.jit(jax.value_and_grad(
+    (_, aux), gw = jax.jit(jax.value_and_grad(
         lambda w: sharded_margin_loss(e, w, y, margin_fn="arcface", mesh=mesh, sample_rate=0.1,
                                       rng=jax.random.key(5), return_aux=True), has_aux=True))(w)
     gw, mask = np.asarray(gw), np.asarray(aux.row_mask)
@@ -284,6 +290,7 @@ def test_masked_row_updates_without_mask_is_inner():
     u1, s1 = tx.update(g, tx.init(w), w)
     u2, s2 = inner.update(g, inner.init(w), w)
     np.testing.assert_array_equal(u1, u2)
+    np.testing.assert_array_equal(s1[0].trace, s2[0].trace)
     with pytest.raises(ValueError, match="rows"):
         tx.update({"w": g, "b": jnp.ones(3)}, tx.init({"w": w, "b": jnp.ones(3)}),
                   row_mask=jnp.ones(6, bool))

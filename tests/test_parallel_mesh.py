@@ -7,12 +7,23 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from x2jax.parallel import (
-    DEFAULT_RULES, ShardingRules, batch_sharding, class_centers_sharding, fsdp_spec,
-    host_local_to_global, initialize_distributed, make_mesh, make_mesh_from_config,
-    num_class_shards, opt_state_shardings, param_shardings)
+    DEFAULT_RULES,
+    ShardingRules,
+    batch_sharding,
+    class_centers_sharding,
+    fsdp_spec,
+    host_local_to_global,
+    initialize_distributed,
+    make_mesh,
+    make_mesh_from_config,
+    num_class_shards,
+    opt_state_shardings,
+    param_shardings,
+)
 from x2jax.parallel import mesh as mesh_lib
 
 

@@ -3,21 +3,61 @@
 See docs/parallel.md.
 """
 from x2jax.parallel.head import (
-    HeadAux, init_class_centers, num_sampled_per_shard, pad_num_classes, sharded_margin_loss)
+    HeadAux,
+    init_class_centers,
+    num_sampled_per_shard,
+    pad_num_classes,
+    sharded_margin_loss,
+)
 from x2jax.parallel.mesh import (
-    DATA_AXIS, MESH_AXES, MODEL_AXIS, initialize_distributed, initialize_distributed_from_config,
-    make_mesh, make_mesh_from_config, mesh_axis_size)
+    DATA_AXIS,
+    MESH_AXES,
+    MODEL_AXIS,
+    initialize_distributed,
+    initialize_distributed_from_config,
+    make_mesh,
+    make_mesh_from_config,
+    mesh_axis_size,
+)
 from x2jax.parallel.optim import masked_row_updates
 from x2jax.parallel.sharding import (
-    DEFAULT_RULES, ShardingRules, batch_sharding, class_centers_sharding, fsdp_spec,
-    host_local_to_global, logical_sharding, num_class_shards, opt_state_shardings,
-    param_shardings, replicated)
+    DEFAULT_RULES,
+    ShardingRules,
+    batch_sharding,
+    class_centers_sharding,
+    fsdp_spec,
+    host_local_to_global,
+    logical_sharding,
+    num_class_shards,
+    opt_state_shardings,
+    param_shardings,
+    replicated,
+)
 
 __all__ = [
-    "DATA_AXIS", "DEFAULT_RULES", "HeadAux", "MESH_AXES", "MODEL_AXIS", "ShardingRules",
-    "batch_sharding", "class_centers_sharding", "fsdp_spec", "host_local_to_global",
-    "init_class_centers", "initialize_distributed", "initialize_distributed_from_config",
-    "logical_sharding", "make_mesh", "make_mesh_from_config", "masked_row_updates",
-    "mesh_axis_size", "num_class_shards", "num_sampled_per_shard", "opt_state_shardings",
-    "pad_num_classes", "param_shardings", "replicated", "sharded_margin_loss",
+    "DATA_AXIS",
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "MODEL_AXIS",
+    "HeadAux",
+    "ShardingRules",
+    "batch_sharding",
+    "class_centers_sharding",
+    "fsdp_spec",
+    "host_local_to_global",
+    "init_class_centers",
+    "initialize_distributed",
+    "initialize_distributed_from_config",
+    "logical_sharding",
+    "make_mesh",
+    "make_mesh_from_config",
+    "masked_row_updates",
+    "mesh_axis_size",
+    "num_class_shards",
+    "num_sampled_per_shard",
+    "opt_state_shardings",
+    "pad_num_classes",
+    "param_shardings",
+    "replicated",
+    "sharded_margin_loss",
 ]

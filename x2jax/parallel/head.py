@@ -39,18 +39,24 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from x2jax import losses
 from x2jax.parallel.mesh import mesh_axis_size
 from x2jax.parallel.sharding import (
-    DEFAULT_RULES, ShardingRules, class_centers_sharding, num_class_shards)
+    DEFAULT_RULES,
+    ShardingRules,
+    class_centers_sharding,
+    num_class_shards,
+)
 
 Array = jax.Array
 INIT_CHUNK_ROWS = 16384

@@ -27,7 +27,8 @@ from typing import Any, Literal
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from x2jax.parallel.mesh import DATA_AXIS, MODEL_AXIS, mesh_axis_size
 

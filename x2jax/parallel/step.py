@@ -8,18 +8,25 @@ optimizer for Partial FC.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from x2jax.parallel.head import HeadAux, sharded_margin_loss
 from x2jax.parallel.optim import masked_row_updates
 from x2jax.parallel.sharding import (
-    DEFAULT_RULES, ShardingRules, batch_sharding, class_centers_sharding, opt_state_shardings,
-    replicated)
+    DEFAULT_RULES,
+    ShardingRules,
+    batch_sharding,
+    class_centers_sharding,
+    opt_state_shardings,
+    replicated,
+)
 
 
 class HeadStepOutput(NamedTuple):
