@@ -363,3 +363,17 @@ def test_eval_py_reports_the_accuracy_the_training_log_reported(tmp_path, cache_
     assert reported["model"]["step"] == 6 and reported["model"]["format"] == "train_checkpoint"
     assert reported["sets"]["synthetic"]["accuracy"] == pytest.approx(logged, abs=1e-12)
     assert f"{100 * logged:.2f}" in result.stdout
+
+
+def test_partial_fc_training_moves_only_sampled_rows(tmp_path, cache_dir):
+    # 48 classes padded to 128 rows over 8 shards: 16 rows a shard, ceil(0.25 * 16) = 4 sampled each
+    cfg = tiny_config(cache_dir, num_steps=3, **{"loss.sample_rate": 0.25, "checkpoint.every_steps": 1})
+    train(cfg, tmp_path)
+    s1, s2 = _final_state_arrays(tmp_path, 2), _final_state_arrays(tmp_path, 3)  # lr > 0 after warmup
+    moved = np.any(s1["params"]["head"]["weight"] != s2["params"]["head"]["weight"], axis=1)
+    assert 0 < moved.sum() <= 8 * 4, moved.sum()
+    assert not moved[48:].any()  # padding rows never move
+    m1, m2 = (jax.tree.leaves(s["opt_state"]) for s in (s1, s2))
+    for a, b in zip(m1, m2):
+        if a.shape == s1["params"]["head"]["weight"].shape:  # head momentum: frozen where W did not move
+            np.testing.assert_array_equal(a[~moved], b[~moved])

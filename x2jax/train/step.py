@@ -99,7 +99,9 @@ def make_train_step(
         bad_labels = losses.count_out_of_range(labels, num_classes)
         ok = grads_finite & jnp.isfinite(loss) & (bad_labels == 0)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, row_mask=aux.row_mask)
+        # Partial FC: only sampled rows of W move (the full head needs no W-sized mask).
+        row_mask = aux.row_mask if sample_rate < 1.0 else None
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, row_mask=row_mask)
         params = optax.apply_updates(state.params, updates)
         norms = jnp.linalg.norm(embeddings, axis=1)
         loss_state = losses.update_state(
