@@ -3,7 +3,7 @@
 Configs: ``jax-xla`` and ``jax-im2col`` (``conv_impl``; im2col = matmul weight
 gradients where ``fast_conv.weight_grad_method`` picks them), ``torch-nchw``,
 ``torch-channels_last``; optional ``jax-im2col_all`` (matmul weight gradient on
-every conv).
+every conv) and ``jax-im2col_1x1`` (matmul weight gradient on 1x1 convs only).
 
 One step = forward in train mode (batch statistics), loss ``mean(embedding**2)``,
 backward, SGD momentum 0.9 + weight decay 5e-4 (optax / torch.optim.SGD), BN
@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 CONFIGS = ("jax-xla", "jax-im2col", "torch-nchw", "torch-channels_last")
-EXTRA_CONFIGS = ("jax-im2col_all",)  # matmul weight gradient for every conv (no "auto" policy)
+# matmul weight gradient for every conv / for 1x1 convs only (XLA's own for the others)
+EXTRA_CONFIGS = ("jax-im2col_all", "jax-im2col_1x1")
 TORCH_ARCHS = {  # layers, widths (insightface IResNet; r18_tiny = x2jax's small CPU model)
     "r18": ((2, 2, 2, 2), (64, 128, 256, 512)),
     "r34": ((3, 4, 6, 3), (64, 128, 256, 512)),
@@ -62,6 +63,12 @@ def _build_jax(args, impl: str) -> tuple:
 
     layers.register_conv_impl("im2col_all", functools.partial(fast_conv.conv2d_im2col,
                                                               weight_grad="matmul"))
+
+    def im2col_1x1(x, kernel, **kw):
+        one = kernel.shape[:2] == (1, 1)
+        return fast_conv.conv2d_im2col(x, kernel, weight_grad="matmul" if one else "xla", **kw)
+
+    layers.register_conv_impl("im2col_1x1", im2col_1x1)
     module = registry.get_model(args.arch, embedding_size=args.embedding, image_size=args.image_size,
                                 conv_impl=impl)
     variables = registry.init_variables(module, jax.random.key(0))
