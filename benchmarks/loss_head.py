@@ -18,8 +18,9 @@ one "step" is the loss and its gradients w.r.t. E and W. Rows:
 
 GFLOP/s counts the three GEMMs only (forward ``E W^T`` and the two backward
 products): ``6 B D C`` per step. The machine's float32 GEMM rate is measured
-in the same run on a square 2048^3 product (``jnp.dot`` and ``torch.mm``) and
-on the head's own forward product shape (``jnp.dot`` (B, D) x (D, C)).
+in the same round-robin as the heads (same load) on a square 2048^3 product
+(``jnp.dot`` and ``torch.mm``) and on the head's own forward product shape
+(``jnp.dot`` (B, D) x (D, C)).
 
     python benchmarks/loss_head.py                       # C = 93431 and 360232 (minutes)
     python benchmarks/loss_head.py --classes 20000 --repeats 3   # quick
@@ -147,18 +148,16 @@ def main() -> None:
           f"median of {args.repeats} after {args.warmup} warmup, {args.threads} threads")
     print(f"# machine: {_common.machine_line()}", flush=True)
 
-    # ------------------------------------------------------------- GEMM rates
+    # GEMM rates: timed round-robin together with the heads (same load).
     n = 2048
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
     dot = jax.jit(jnp.dot)
-    gemm_fns = {"jnp.dot 2048^3": lambda: dot(a, a).block_until_ready()}
+    gemm_fns = {"jnp.dot 2048^3": (2 * n**3, lambda: dot(a, a).block_until_ready())}
     if torch is not None:
         ta = torch.from_numpy(np.array(a))
-        gemm_fns["torch.mm 2048^3"] = lambda: torch.mm(ta, ta)
-    gemm = {k: 2 * n**3 / _common.median(t) / 1e9
-            for k, t in _common.time_interleaved(gemm_fns, repeats=5).items()}
+        gemm_fns["torch.mm 2048^3"] = (2 * n**3, lambda: torch.mm(ta, ta))
 
-    rows = []
+    rows, gemm_rows = [], []
     for num_classes in [int(c) for c in args.classes.split(",") if c]:
         rng = np.random.default_rng(1)
         emb_np = rng.standard_normal((args.batch, args.dim), np.float32)
@@ -169,10 +168,9 @@ def main() -> None:
 
         w_t = jnp.asarray(w_np.T.copy())
         head_dot = jax.jit(jnp.dot)
-        t = _common.median(_common.time_fn(lambda: head_dot(emb, w_t).block_until_ready(),
-                                           repeats=args.repeats))
-        gemm[f"jnp.dot ({args.batch},{args.dim})x({args.dim},{num_classes})"] = \
-            2 * args.batch * args.dim * num_classes / t / 1e9
+        gemms = dict(gemm_fns)
+        gemms[f"jnp.dot ({args.batch},{args.dim})x({args.dim},{num_classes})"] = (
+            2 * args.batch * args.dim * num_classes, lambda: head_dot(emb, w_t).block_until_ready())
 
         steps, compile_s, losses_seen = {}, {}, {}
         for name, params in (("normface", {}), ("x2_softmax", X2), ("arcface", {})):
@@ -209,7 +207,13 @@ def main() -> None:
                     return loss
                 losses_seen[f"torch {name}"] = float(step().detach())
                 steps[f"torch {name}"] = step
+        for name, (_, fn) in gemms.items():
+            steps["gemm " + name] = fn
         times = _common.time_interleaved(steps, warmup=args.warmup, repeats=args.repeats)
+        gemm = {}
+        for name, (gemm_flops, _) in gemms.items():
+            gemm[name] = gemm_flops / _common.median(times.pop("gemm " + name)) / 1e9
+            gemm_rows.append([num_classes, name, f"{gemm[name]:.1f}"])
         results = {name: (_common.median(t), compile_s.get(name, 0.0), losses_seen[name])
                    for name, t in times.items()}
         floor = results["x2jax normface"][0]
@@ -224,7 +228,7 @@ def main() -> None:
         print(f"# C={num_classes} done", flush=True)
 
     print()
-    print(_common.markdown_table(["GEMM", "GFLOP/s"], [[k, f"{v:.1f}"] for k, v in gemm.items()]))
+    print(_common.markdown_table(["timed with C", "GEMM (float32)", "GFLOP/s"], gemm_rows))
     print()
     print(_common.markdown_table(
         ["C", "head", "step s (median)", "GFLOP/s (6BDC)", "% of jnp.dot 2048^3",
