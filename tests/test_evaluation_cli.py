@@ -119,7 +119,7 @@ def test_missing_ijb_root(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         eval_cli.run(["--checkpoint", str(tmp_path / "nope")])
-    with pytest.raises(NotImplementedError, match="not a saved model directory"):
+    with pytest.raises(FileNotFoundError, match="neither a saved model .* nor a train.py run directory"):
         eval_cli.run(["--checkpoint", str(tmp_path)])
 
 

@@ -159,7 +159,7 @@ def test_save_on_8_devices_restore_on_4_and_1(tmp_path, cache_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["x2_softmax", "arcface"])
 def test_loss_decreases_and_verification_rises(tmp_path, cache_dir, loss):
-    cfg = tiny_config(cache_dir, num_steps=60, **{"log_every_steps": 10, "eval.every_steps": 60, "eval.sets": "synthetic", "eval.batch_size": 256})
+    cfg = tiny_config(cache_dir, num_steps=120, **{"log_every_steps": 1, "eval.every_steps": 120, "eval.sets": "synthetic", "eval.batch_size": 256})
     config_lib.set_loss(cfg, loss)
     cfg.data.num_identities, cfg.data.images_per_identity, cfg.data.image_size = 100, 16, 16
     cfg.schedule.lr = 0.1
@@ -167,10 +167,11 @@ def test_loss_decreases_and_verification_rises(tmp_path, cache_dir, loss):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval/synthetic"]
-    assert train_losses[-1] < 0.8 * train_losses[0], train_losses
-    assert [e["step"] for e in evals] == [0, 60]
+    first, last = np.mean(train_losses[:10]), np.mean(train_losses[-20:])
+    assert last < 0.85 * first, (first, last)
+    assert [e["step"] for e in evals] == [0, 120]
     assert evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.05, evals
-    assert out["best"]["step"] == 60
+    assert out["best"]["step"] == 120
     # the best model is exported and loads back with the same embeddings function
     assert (tmp_path / "best_model" / "model.json").is_file()
 
