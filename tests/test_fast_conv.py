@@ -105,10 +105,15 @@ def test_bfloat16_within_one_rounding_of_exact(case):
 
 def test_weight_grad_policy():
     m = fast_conv.weight_grad_method
-    assert m((32, 56, 56, 64), (1, 1, 64, 128), (2, 2)) == "matmul"
-    assert m((32, 56, 56, 64), (3, 3, 64, 128), (1, 1)) == "matmul"  # channels change
-    assert m((32, 56, 56, 128), (3, 3, 128, 128), (2, 2)) == "matmul"  # strided
+    assert m((32, 56, 56, 64), (1, 1, 64, 128), (2, 2)) == "matmul"  # 1x1 shortcut
+    assert m((32, 14, 14, 256), (1, 1, 256, 512), (2, 2)) == "matmul"
+    assert m((32, 56, 56, 64), (3, 3, 64, 128), (1, 1)) == "matmul"  # narrow, channels change
+    assert m((32, 112, 112, 64), (3, 3, 64, 64), (2, 2)) == "matmul"  # narrow, strided
+    assert m((32, 112, 112, 64), (3, 3, 64, 64), (1, 1)) == "matmul"  # narrow, 112 px
     assert m((32, 112, 112, 3), (3, 3, 3, 64), (1, 1)) == "matmul"  # stem
+    assert m((32, 56, 56, 64), (3, 3, 64, 64), (1, 1)) == "xla"
+    assert m((32, 28, 28, 128), (3, 3, 128, 256), (1, 1)) == "xla"
+    assert m((32, 56, 56, 128), (3, 3, 128, 128), (2, 2)) == "xla"
     assert m((32, 14, 14, 256), (3, 3, 256, 256), (1, 1)) == "xla"
 
 
@@ -149,6 +154,7 @@ def test_auto_uses_matmul_gradients_on_cpu_only():
         jax.grad(lambda k: layers.conv2d(x, k, strides=2, impl="xla").sum()))(k))
 
 
+@pytest.mark.slow
 def test_r18_tiny_train_step_equal_between_impls():
     """Whole backbone, train mode: embeddings, BN statistics and every parameter gradient."""
     images = jax.random.normal(jax.random.key(4), (4, 16, 16, 3))

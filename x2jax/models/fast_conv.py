@@ -2,8 +2,8 @@
 
 XLA:CPU lowers the weight gradient of a convolution (a conv that contracts over
 the batch and spatial axes) to kernels that reach a fraction of the forward
-rate on some shapes; for a strided 1x1 conv it is 10-20x slower than one matmul
-(see ``benchmarks/conv_grads.py`` and docs/benchmarks.md). :func:`conv2d_im2col`
+rate on some shapes; for the strided 1x1 shortcut convs of IResNet it was 3-4x
+slower than one matmul (``benchmarks/conv_grads.py``, docs/benchmarks.md). :func:`conv2d_im2col`
 keeps XLA's forward and computes, with a ``jax.custom_vjp``:
 
 * the weight gradient as an im2col matmul::
@@ -18,9 +18,10 @@ keeps XLA's forward and computes, with a ``jax.custom_vjp``:
   which runs at the forward rate on this CPU.
 
 Which weight-gradient form is used per conv is chosen from static shapes by
-:func:`weight_grad_method` (``"auto"``), measured on a 2-core AVX2/AVX-512 CPU:
-the matmul wins for 1x1 kernels, strided convs and channel-changing convs and
-loses to XLA's own kernel on square stride-1 3x3 convs. ``weight_grad="matmul"``
+:func:`weight_grad_method` (``"auto"``), measured on a 2-core AVX2/AVX-512 CPU
+with jax 0.10.2: the matmul wins for 1x1 kernels and for narrow (< 128
+channel) strided, channel-changing or large-input convs, and loses to XLA's own
+kernel on the others. ``weight_grad="matmul"``
 forces the matmul everywhere (tests). Products accumulate in float32
 (``preferred_element_type``) and are cast to the input dtype, as XLA does.
 
@@ -54,12 +55,16 @@ def weight_grad_method(x_shape: Sequence[int], kernel_shape: Sequence[int],
                        strides: tuple[int, int]) -> Literal["matmul", "xla"]:
     """Weight-gradient form for a conv of these static shapes ("auto" policy).
 
-    Matmul for 1x1 kernels, strided convs, convs that change the channel count
-    and stems with few input channels (< 16); XLA's kernel for the remaining
-    square stride-1 convs, where it was as fast or faster on this CPU.
+    Matmul for 1x1 kernels (XLA:CPU: 3-4x slower than one matmul on the strided
+    IResNet shortcuts) and for narrow convs (< 128 input channels) that are
+    strided, change the channel count or run on >= 112 px inputs (XLA 1.2-1.7x
+    slower there); XLA's own kernel elsewhere, where it was as fast or faster
+    (``benchmarks/conv_grads.py``, docs/benchmarks.md).
     """
     kh, kw, cin, cout = kernel_shape
-    if (kh, kw) == (1, 1) or strides != (1, 1) or cin != cout or cin < 16:
+    if (kh, kw) == (1, 1):
+        return "matmul"
+    if cin < 128 and (strides != (1, 1) or cin != cout or x_shape[1] >= 112):
         return "matmul"
     return "xla"
 
