@@ -19,9 +19,10 @@ peak RSS, and the ratio of images/s to the PyTorch configuration measured in
 the same run (the faster of NCHW / channels_last).
 
     python benchmarks/backbone_step.py --arch r18 --batch 32
-    python benchmarks/backbone_step.py --arch r50 --batch 32 --steps 3   # ~10 min on 2 cores
+    python benchmarks/backbone_step.py --arch r50 --batch 32 --steps 3 --interleave \
+        --configs jax-xla,jax-im2col,torch-channels_last   # ~3-6 min on 2 cores
 
-IResNet-50 at batch 32 costs tens of seconds per step on a 2-core CPU: keep
+IResNet-50 at batch 32 costs 7-21 s per step on a 2-core CPU: keep
 ``--steps`` small there.
 """
 from __future__ import annotations

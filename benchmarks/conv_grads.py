@@ -12,7 +12,7 @@ For every distinct conv of IResNet-50 at 112x112 (batch ``--batch``), times with
 and the r50 totals (each shape times its count in the network). GFLOP/s =
 ``2 B H' W' C O KH KW`` / time for each of the five.
 
-    python benchmarks/conv_grads.py               # batch 32, ~3 min on 2 cores
+    python benchmarks/conv_grads.py               # batch 32, about a minute on 2 cores
     python benchmarks/conv_grads.py --batch 8 --repeats 3
 """
 from __future__ import annotations
