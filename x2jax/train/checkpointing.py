@@ -54,8 +54,13 @@ def model_description(config: ml_collections.ConfigDict, image_size: int) -> dic
 
 def build_model(description: dict[str, Any]):
     """The backbone module of a :func:`model_description`."""
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in description.items() if k != "arch"}
-    return get_model(description["arch"], **kwargs)
+    kwargs = model_kwargs(description)
+    return get_model(kwargs.pop("arch"), **kwargs)
+
+
+def model_kwargs(description: dict[str, Any]) -> dict[str, Any]:
+    """A description as ``get_model`` / ``save_model`` keywords (JSON lists back to tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in description.items()}
 
 
 class Checkpointer:

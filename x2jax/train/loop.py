@@ -10,7 +10,6 @@ the batches it would have seen.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -28,14 +26,11 @@ from x2jax.parallel.mesh import initialize_distributed, make_mesh, mesh_axis_siz
 from x2jax.parallel.sharding import ShardingRules, host_local_to_global
 from x2jax.train import config as config_lib
 from x2jax.train import inputs
-from x2jax.train.checkpointing import Checkpointer, PreemptionWatcher, build_model, model_description
+from x2jax.train.checkpointing import Checkpointer, PreemptionWatcher, build_model, model_description, model_kwargs
 from x2jax.train.metrics import MetricWriter, Progress, format_duration
 from x2jax.train.optimizer import make_optimizer, make_schedule
 from x2jax.train.state import make_state_factory
 from x2jax.train.step import make_train_step
-
-log = logging.getLogger("x2jax.train")
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradients were NaN/Inf (with ``on_nonfinite='stop'``)."""
@@ -187,7 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     t_start = time.perf_counter()
     first_step_time = None
     if step == 0 and config.eval.every_steps and eval_sets:  # the baseline of the accuracy curve
-        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+        variables = _backbone_variables(state)
         results = run_verification(eval_apply, variables, eval_sets, batch_size=config.eval.batch_size, mesh=mesh)
         _report_eval(0, results, best, writer, workdir, variables, description, summary, track_best=False)
     try:
@@ -222,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
             if (config.eval.every_steps and step % config.eval.every_steps == 0) or last:
                 if eval_sets:
-                    variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+                    variables = _backbone_variables(state)
                     results = run_verification(eval_apply, variables, eval_sets,
                                                batch_size=config.eval.batch_size, mesh=mesh)
                     best = _report_eval(step, results, best, writer, workdir, variables, description, summary)
@@ -247,6 +242,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     return summary
 
 
+def _backbone_variables(state) -> dict[str, Any]:
+    """The backbone's ``{'params', 'batch_stats'}`` of a TrainState (what eval and export read)."""
+    return {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+
+
 def _read_best(workdir: Path) -> dict[str, Any]:
     path = workdir / "best.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -266,7 +266,7 @@ def _report_eval(step, results, best, writer, workdir, variables, description, s
         if jax.process_index() == 0:
             target = workdir / "best_model"
             tmp = workdir / f"best_model.tmp{step}"
-            save_model(tmp, variables, **{k: tuple(v) if isinstance(v, list) else v for k, v in description.items()})
+            save_model(tmp, variables, **model_kwargs(description))
             if target.exists():
                 import shutil  # noqa: PLC0415
 
