@@ -40,8 +40,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    _common.add_conv_runtime_arg(parser)
     args = parser.parse_args()
     _common.set_threads(args.threads)
+    _common.apply_conv_runtime(args)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, _common.REPO)
     import jax

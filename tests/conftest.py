@@ -6,6 +6,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from x2jax.runtime import use_fast_cpu_convolutions  # noqa: E402
+
+use_fast_cpu_convolutions()  # as train.py / eval.py do
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
