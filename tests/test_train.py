@@ -172,6 +172,8 @@ def test_loss_decreases_and_verification_rises(tmp_path, cache_dir, loss):
     assert [e["step"] for e in evals] == [0, 120]
     assert evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.05, evals
     assert out["best"]["step"] == 120
+    assert out["step_compiled_ahead"]  # the loop ran the step compiled in the background
+    assert out["first_step_seconds"] <= out["startup_seconds"]
     # the best model is exported and loads back with the same embeddings function
     assert (tmp_path / "best_model" / "model.json").is_file()
 

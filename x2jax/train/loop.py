@@ -30,7 +30,7 @@ from x2jax.train.checkpointing import Checkpointer, PreemptionWatcher, build_mod
 from x2jax.train.metrics import MetricWriter, Progress, format_duration
 from x2jax.train.optimizer import make_optimizer, make_schedule
 from x2jax.train.state import make_state_factory
-from x2jax.train.step import make_train_step
+from x2jax.train.step import AheadOfTimeStep, batch_spec, make_train_step
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradients were NaN/Inf (with ``on_nonfinite='stop'``)."""
@@ -90,6 +90,7 @@ def run_verification(apply_fn, variables, sets, *, batch_size: int, mesh) -> dic
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume) according to ``config``; returns a summary dict."""
+    t_enter = time.perf_counter()
     config_lib.validate(config)
     workdir = Path(workdir)
     d = config.distributed
@@ -142,6 +143,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         loss_name=config.loss.name, loss_params=dict(config.loss.params), sample_rate=config.loss.sample_rate,
         float16=float16, rules=rules,
     )
+    # Compiles (or loads from the persistent cache) in a background thread while the
+    # loader starts, the state is created or restored and the step-0 evaluation runs.
+    train_step = AheadOfTimeStep(train_step, abstract_state, batch_spec(config.data.batch_size, image_size))
     iterator = train_data.make_iterator(
         batch_size=per_process_batch, shard_index=jax.process_index(), shard_count=jax.process_count()
     )
@@ -196,6 +200,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 jax.block_until_ready(metrics)
                 first_step_time = time.perf_counter() - t0
                 summary["first_step_seconds"] = first_step_time
+                summary["startup_seconds"] = time.perf_counter() - t_enter
+                summary["step_compiled_ahead"] = train_step.compiled_ahead
                 progress.restart_clock(step)
             pending.append((step, metrics))
             if config.debug.sigterm_at_step == step:

@@ -18,6 +18,7 @@ state's shardings in and out and the state donated. Per step:
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -151,3 +152,44 @@ def batch_shardings(mesh: Mesh, rules: ShardingRules | None = None) -> dict[str,
     """Shardings of a global batch {'image', 'label'}: split on the batch axes."""
     rules = rules or ShardingRules()
     return {"image": batch_sharding(mesh, rules), "label": batch_sharding(mesh, rules)}
+
+
+def batch_spec(global_batch_size: int, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract global batch as the loader yields it: image f32 (B, S, S, 3), label i32 (B,)."""
+    return {"image": jax.ShapeDtypeStruct((global_batch_size, image_size, image_size, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
+
+
+class AheadOfTimeStep:
+    """A jitted train step compiled in a background thread from abstract inputs.
+
+    ``jitted.lower(abstract_state, abstract_batch).compile()`` (an XLA compile, or a
+    load from the persistent compilation cache) starts at construction, so the
+    rest of the startup (data loader, checkpoint restore, the step-0 evaluation)
+    runs while it compiles; the first call waits only for what is left of it.
+    Calls with a batch of other shapes or dtypes than ``abstract_batch`` use
+    ``jitted`` itself (it compiles for them); ``compiled_ahead`` tells which ran.
+    A compile error is raised by the first call.
+    """
+
+    def __init__(self, jitted: Callable, abstract_state: Any, abstract_batch: Any):
+        self._jitted = jitted
+        self._batch_types = _types(abstract_batch)
+        self._compiled = None
+        self.compiled_ahead = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="x2jax-compile")
+        self._future = self._pool.submit(lambda: jitted.lower(abstract_state, abstract_batch).compile())
+        self._pool.shutdown(wait=False)
+
+    def __call__(self, state: TrainState, batch: dict[str, jax.Array]):
+        if self._future is not None:
+            self._compiled, self._future = self._future.result(), None
+        if _types(batch) == self._batch_types:
+            self.compiled_ahead = True
+            return self._compiled(state, batch)
+        self.compiled_ahead = False
+        return self._jitted(state, batch)
+
+
+def _types(tree: Any) -> Any:
+    return jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), tree)
