@@ -5,12 +5,15 @@ margin on the target column, scale, softmax cross-entropy, mean over the batch;
 one "step" is the loss and its gradients w.r.t. E and W. Rows:
 
 * ``x2jax x2_softmax``: ``x2jax.losses.margin_loss(E, W, y, "x2_softmax")``
-  (official constants s=64, a=-0.9, h=0, k=0.65, straight-through gradient);
+  (official constants s=64, a=-0.9, h=0, k=0.65, straight-through gradient),
+  which takes the library's fused path for target-only margins (one logsumexp
+  forward, one elementwise backward over the (B, C) cosine);
 * ``x2jax normface``: the same head with no margin (``"normface"``): the floor;
 * ``x2jax arcface``: ``"arcface"`` (s=64, m=0.5);
-* ``x2jax x2_softmax fused (candidate)``: :func:`make_fused_x2_head`, a
-  formulation with fewer (B, C) passes proposed for ``x2jax.losses`` (checked
-  here against ``margin_loss``: loss and gradient differences are printed);
+* ``x2jax x2_softmax generic``: :func:`generic_head`, the generic path written
+  here: ``cross_entropy(x2_softmax(cosine, y))`` on the (B, C) logits, as
+  ``margin_loss`` computes a user-supplied margin function (checked against the
+  fused row: loss and gradient differences are printed);
 * ``torch x2_softmax``: PyTorch reference following the official code: the
   target logit replaced in place under ``torch.no_grad()``;
 * ``torch arcface``: insightface ``CombinedMarginLoss`` (1, 0.5, 0) code path
@@ -39,51 +42,11 @@ DEFAULT_CLASSES = "93431,360232"  # MS1MV3, Glint360K
 X2 = dict(scale=64.0, a=-0.9, h=0.0, k=0.65)
 
 
-def make_fused_x2_head(jax, jnp, losses):
-    """Candidate single-pass X2-Softmax head (benchmark only; not in ``x2jax.losses``).
-
-    Same loss value and the same straight-through gradient as
-    ``losses.margin_loss(E, W, y, "x2_softmax")`` (except where rounding puts a
-    non-target |cos| above 1: that column is not clipped here, a < 1e-6 change),
-    with fewer passes over the (B, C) matrix: ``cos_y`` by a gather; the margin
-    as a constant delta on the target column inside the logsumexp; and a
-    ``custom_vjp`` whose backward is one fused pass
-    ``dcos = s (softmax(z) - onehot) / B`` over the cosine matrix.
-    """
-    def logits_of(cosine, labels, delta, scale):
-        target = labels[:, None] == jnp.arange(cosine.shape[1], dtype=labels.dtype)[None, :]
-        return scale * (cosine + jnp.where(target, delta[:, None], 0.0)), target
-
-    @jax.custom_vjp
-    def ce_from_cosine(cosine, labels, delta, scale):
-        z, _ = logits_of(cosine, labels, delta, scale)
-        lse = jax.nn.logsumexp(z, axis=1)
-        return lse
-
-    def fwd(cosine, labels, delta, scale):
-        lse = ce_from_cosine(cosine, labels, delta, scale)
-        return lse, (cosine, labels, delta, scale, lse)
-
-    def bwd(res, g):
-        cosine, labels, delta, scale, lse = res
-        z, _ = logits_of(cosine, labels, delta, scale)
-        dcos = (g * scale)[:, None] * jnp.exp(z - lse[:, None])
-        return dcos, None, jnp.zeros_like(delta), jnp.zeros_like(scale)
-
-    ce_from_cosine.defvjp(fwd, bwd)
-
-    def loss(emb, weight, labels, *, scale=64.0, a=-0.9, h=0.0, k=0.65):
+def generic_head(jnp, losses, margin_fn):
+    """``margin_loss`` without the fused path: margin logits (B, C), then ``cross_entropy``."""
+    def loss(emb, weight, labels, **params):
         cosine = losses.l2_normalize(emb) @ losses.l2_normalize(weight).T
-        num_classes = cosine.shape[1]
-        in_range = (labels >= 0) & (labels < num_classes)
-        safe = jnp.where(in_range, labels, 0)
-        cos_y = jnp.take_along_axis(cosine, safe[:, None], axis=1)[:, 0]   # (B,) gather
-        theta = jnp.arccos(jnp.clip(cos_y, -1.0, 1.0))
-        delta = jax.lax.stop_gradient(a * (theta - h) ** 2 + k - cos_y)  # straight-through
-        labels_in = jnp.where(in_range, labels, -1)
-        lse = ce_from_cosine(cosine, labels_in, delta, jnp.float32(scale))
-        z_y = scale * (cos_y + delta)  # gradient s * onehot reaches cosine through the gather
-        return jnp.mean(jnp.where(in_range, lse - z_y, 0.0))
+        return jnp.mean(losses.cross_entropy(margin_fn(cosine, labels, **params), labels))
 
     return loss
 
@@ -174,7 +137,7 @@ def main() -> None:
         gemms[f"jnp.dot ({args.batch},{args.dim})x({args.dim},{num_classes})"] = (
             2 * args.batch * args.dim * num_classes, lambda: head_dot(emb, w_t).block_until_ready())
 
-        steps, compile_s, losses_seen = {}, {}, {}
+        steps, compile_s, losses_seen, outs = {}, {}, {}, {}
         for name, params in (("normface", {}), ("x2_softmax", X2), ("arcface", {})):
             fn = jax.jit(jax.value_and_grad(
                 lambda e, w, y, name=name, params=params: losses.margin_loss(e, w, y, name, **params),
@@ -183,18 +146,19 @@ def main() -> None:
             out = jax.block_until_ready(fn(emb, w, labels))
             compile_s[f"x2jax {name}"] = time.perf_counter() - t0
             losses_seen[f"x2jax {name}"] = float(out[0])
+            outs[name] = out
             steps[f"x2jax {name}"] = lambda fn=fn: jax.block_until_ready(fn(emb, w, labels))
-        fused = jax.jit(jax.value_and_grad(make_fused_x2_head(jax, jnp, losses), argnums=(0, 1)))
-        ref_out = jax.jit(jax.value_and_grad(
-            lambda e, w, y: losses.margin_loss(e, w, y, "x2_softmax", **X2), argnums=(0, 1)))(emb, w, labels)
+        generic = jax.jit(jax.value_and_grad(
+            lambda e, w, y: generic_head(jnp, losses, losses.x2_softmax)(e, w, y, **X2), argnums=(0, 1)))
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fused(emb, w, labels))
-        compile_s["x2jax x2_softmax fused (candidate)"] = time.perf_counter() - t0
-        losses_seen["x2jax x2_softmax fused (candidate)"] = float(out[0])
-        steps["x2jax x2_softmax fused (candidate)"] = lambda: jax.block_until_ready(fused(emb, w, labels))
-        rel = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(out[1], ref_out[1])]
-        print(f"# C={num_classes}: fused candidate vs margin_loss x2_softmax: loss {float(out[0]):.6f} vs "
-              f"{float(ref_out[0]):.6f}; max |grad diff| / max |grad|: dE {rel[0]:.1e}, dW {rel[1]:.1e}",
+        out = jax.block_until_ready(generic(emb, w, labels))
+        compile_s["x2jax x2_softmax generic"] = time.perf_counter() - t0
+        losses_seen["x2jax x2_softmax generic"] = float(out[0])
+        steps["x2jax x2_softmax generic"] = lambda: jax.block_until_ready(generic(emb, w, labels))
+        fused = outs["x2_softmax"]
+        rel = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(fused[1], out[1])]
+        print(f"# C={num_classes}: x2_softmax fused (margin_loss) vs generic: loss {float(fused[0]):.6f} vs "
+              f"{float(out[0]):.6f}; max |grad diff| / max |grad|: dE {rel[0]:.1e}, dW {rel[1]:.1e}",
               flush=True)
         if torch is not None:
             te = torch.from_numpy(emb_np).requires_grad_(True)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import chex
 import jax
@@ -153,6 +153,33 @@ def _replace_target(cosine: Array, target_mask: Array, target: Array, scale: flo
     return scale * jnp.where(target_mask, target[:, None], cosine)
 
 
+class _TargetMargin(NamedTuple):
+    """A margin that changes only the target logit ("target-only").
+
+    Logits: ``scale * target(cos_y)`` in column ``labels[i]`` of row i, ``scale *
+    nontarget(cos_j)`` elsewhere, with ``nontarget`` the [-1, 1] clip of
+    :func:`clip_cosine` followed, when ``clip = (lo, hi)``, by ``jnp.clip(., lo, hi)``
+    (AdaFace). ``target`` is row-wise: ``(B,)`` clipped ``cos_y`` float32 ->
+    ``(B,)`` target in cosine units, row i depending on ``cos_y[i]`` only. The
+    public margin function builds its (B, C) logits from it
+    (:func:`_target_margin_logits`) and :func:`margin_loss` its fused
+    cross-entropy (:func:`_target_margin_cross_entropy`).
+    """
+
+    scale: float | Array
+    target: Callable[[Array], Array]
+    clip: tuple[float | Array, float | Array] | None = None
+
+
+def _target_margin_logits(cosine: Array, labels: Array, margin: _TargetMargin) -> Array:
+    """(B, C) float32 logits of a target-only margin from cosine (B, C), labels (B,)."""
+    cosine, target_mask, cos_y = _prepare(cosine, labels)
+    target = margin.target(cos_y)
+    if margin.clip is not None:
+        cosine = jnp.clip(cosine, *margin.clip)
+    return _replace_target(cosine, target_mask, target, margin.scale)
+
+
 def _straight_through(cos_y: Array, target: Array) -> Array:
     """Value ``target``, gradient as if it were ``cos_y`` (insightface's no_grad pattern)."""
     return cos_y + jax.lax.stop_gradient(target - cos_y)
@@ -207,6 +234,21 @@ def _x2_exact_jvp(a, h, k, primals, tangents):
     return _x2_value(theta, a, h, k), dfdcos * dcos
 
 
+def _x2_target(
+    cos_y: Array, *, a: float, h: float, k: float, gradient: Literal["straight_through", "exact"]
+) -> Array:
+    """X2 target ``a (arccos(cos_y) - h)^2 + k``, (B,) -> (B,); see :func:`x2_softmax`."""
+    if gradient == "straight_through":
+        return _straight_through(cos_y, _x2_value(_theta(cos_y), a, h, k))
+    if gradient == "exact":
+        return _x2_exact(cos_y, float(a), float(h), float(k))
+    raise ValueError(f"gradient must be 'straight_through' or 'exact', got {gradient!r}")
+
+
+def _x2_margin(*, scale, a, h, k, gradient) -> _TargetMargin:
+    return _TargetMargin(scale, functools.partial(_x2_target, a=a, h=h, k=k, gradient=gradient))
+
+
 def x2_softmax(
     cosine: Array,
     labels: Array,
@@ -231,19 +273,23 @@ def x2_softmax(
 
     Shapes: cosine (B, C) float, labels (B,) int -> (B, C) float32.
     """
-    cosine, target_mask, cos_y = _prepare(cosine, labels)
-    if gradient == "straight_through":
-        target = _straight_through(cos_y, _x2_value(_theta(cos_y), a, h, k))
-    elif gradient == "exact":
-        target = _x2_exact(cos_y, float(a), float(h), float(k))
-    else:
-        raise ValueError(f"gradient must be 'straight_through' or 'exact', got {gradient!r}")
-    return _replace_target(cosine, target_mask, target, scale)
+    return _target_margin_logits(
+        cosine, labels, _x2_margin(scale=scale, a=a, h=h, k=k, gradient=gradient)
+    )
 
 
 # ----------------------------------------------------------------------------
 # Baselines: NormFace, CosFace, ArcFace, SphereFace, combined margin
 # ----------------------------------------------------------------------------
+
+
+def _no_margin(cos_y: Array) -> Array:
+    """NormFace target: ``cos_y`` itself, (B,) -> (B,)."""
+    return cos_y
+
+
+def _normface_margin(*, scale) -> _TargetMargin:
+    return _TargetMargin(scale, _no_margin)
 
 
 def normface(cosine: Array, labels: Array, *, scale: float = 64.0) -> Array:
@@ -252,7 +298,36 @@ def normface(cosine: Array, labels: Array, *, scale: float = 64.0) -> Array:
     Shapes: cosine (B, C), labels (B,) -> (B, C) float32.
     """
     cosine, _, _ = _prepare(cosine, labels)
-    return scale * cosine
+    return scale * cosine  # _target_margin_logits with _no_margin, without the no-op replace
+
+
+def _combined_target(
+    cos_y: Array,
+    *,
+    m1: float,
+    m2: float,
+    m3: float,
+    gradient: Literal["auto", "straight_through", "exact"],
+) -> Array:
+    """Combined-margin target ``cos(m1 arccos(cos_y) + m2) - m3``, (B,) -> (B,)."""
+    if gradient == "auto":
+        gradient = "straight_through" if m3 == 0 else "exact"
+    if gradient == "straight_through":
+        return _straight_through(cos_y, jnp.cos(m1 * _theta(cos_y) + m2) - m3)
+    if gradient == "exact":
+        if m1 == 1.0 and m2 == 0.0:  # CosFace: no arccos, exact everywhere
+            return cos_y - m3
+        return jnp.cos(m1 * safe_arccos(cos_y) + m2) - m3
+    raise ValueError(f"gradient must be 'auto', 'straight_through' or 'exact', got {gradient!r}")
+
+
+def _combined_margin(
+    *, scale, m1, m2, m3, interclass_filtering_threshold, gradient
+) -> _TargetMargin | None:
+    if interclass_filtering_threshold > 0:  # changes non-target logits: not target-only
+        return None
+    target = functools.partial(_combined_target, m1=m1, m2=m2, m3=m3, gradient=gradient)
+    return _TargetMargin(scale, target)
 
 
 def combined_margin(
@@ -276,22 +351,23 @@ def combined_margin(
 
     Shapes: cosine (B, C), labels (B,) -> (B, C) float32.
     """
+    margin = _combined_margin(
+        scale=scale, m1=m1, m2=m2, m3=m3,
+        interclass_filtering_threshold=interclass_filtering_threshold, gradient=gradient,
+    )
+    if margin is not None:
+        return _target_margin_logits(cosine, labels, margin)
     cosine, target_mask, cos_y = _prepare(cosine, labels)
-    if interclass_filtering_threshold > 0:
-        dirty = (cosine > interclass_filtering_threshold) & ~target_mask
-        cosine = jnp.where(jax.lax.stop_gradient(dirty), 0.0, cosine)
-    if gradient == "auto":
-        gradient = "straight_through" if m3 == 0 else "exact"
-    if gradient == "straight_through":
-        target = _straight_through(cos_y, jnp.cos(m1 * _theta(cos_y) + m2) - m3)
-    elif gradient == "exact":
-        if m1 == 1.0 and m2 == 0.0:  # CosFace: no arccos, exact everywhere
-            target = cos_y - m3
-        else:
-            target = jnp.cos(m1 * safe_arccos(cos_y) + m2) - m3
-    else:
-        raise ValueError(f"gradient must be 'auto', 'straight_through' or 'exact', got {gradient!r}")
+    dirty = (cosine > interclass_filtering_threshold) & ~target_mask
+    cosine = jnp.where(jax.lax.stop_gradient(dirty), 0.0, cosine)
+    target = _combined_target(cos_y, m1=m1, m2=m2, m3=m3, gradient=gradient)
     return _replace_target(cosine, target_mask, target, scale)
+
+
+def _arcface_margin(*, scale, margin) -> _TargetMargin:
+    return _combined_margin(
+        scale=scale, m1=1.0, m2=margin, m3=0.0, interclass_filtering_threshold=0.0, gradient="auto"
+    )
 
 
 def arcface(cosine: Array, labels: Array, *, scale: float = 64.0, margin: float = 0.5) -> Array:
@@ -299,7 +375,13 @@ def arcface(cosine: Array, labels: Array, *, scale: float = 64.0, margin: float 
 
     Shapes: cosine (B, C), labels (B,) -> (B, C) float32.
     """
-    return combined_margin(cosine, labels, scale=scale, m1=1.0, m2=margin, m3=0.0)
+    return _target_margin_logits(cosine, labels, _arcface_margin(scale=scale, margin=margin))
+
+
+def _cosface_margin(*, scale, margin) -> _TargetMargin:
+    return _combined_margin(
+        scale=scale, m1=1.0, m2=0.0, m3=margin, interclass_filtering_threshold=0.0, gradient="auto"
+    )
 
 
 def cosface(cosine: Array, labels: Array, *, scale: float = 64.0, margin: float = 0.35) -> Array:
@@ -307,7 +389,22 @@ def cosface(cosine: Array, labels: Array, *, scale: float = 64.0, margin: float 
 
     Shapes: cosine (B, C), labels (B,) -> (B, C) float32.
     """
-    return combined_margin(cosine, labels, scale=scale, m1=1.0, m2=0.0, m3=margin)
+    return _target_margin_logits(cosine, labels, _cosface_margin(scale=scale, margin=margin))
+
+
+def _sphereface_target(cos_y: Array, *, margin: int, lamb: float) -> Array:
+    """SphereFace target ``(lamb cos_y + psi(arccos cos_y)) / (1 + lamb)``, (B,) -> (B,)."""
+    theta = safe_arccos(cos_y)
+    k = jax.lax.stop_gradient(jnp.clip(jnp.floor(margin * theta / math.pi), 0, margin - 1))
+    sign = 1.0 - 2.0 * jnp.mod(k, 2.0)
+    psi = sign * jnp.cos(margin * theta) - 2.0 * k
+    return (lamb * cos_y + psi) / (1.0 + lamb)
+
+
+def _sphereface_margin(*, scale, margin, lamb) -> _TargetMargin:
+    if int(margin) != margin or margin < 1:
+        raise ValueError(f"sphereface margin must be a positive integer, got {margin!r}")
+    return _TargetMargin(scale, functools.partial(_sphereface_target, margin=margin, lamb=lamb))
 
 
 def sphereface(
@@ -327,15 +424,9 @@ def sphereface(
 
     Shapes: cosine (B, C), labels (B,) -> (B, C) float32.
     """
-    if int(margin) != margin or margin < 1:
-        raise ValueError(f"sphereface margin must be a positive integer, got {margin!r}")
-    cosine, target_mask, cos_y = _prepare(cosine, labels)
-    theta = safe_arccos(cos_y)
-    k = jax.lax.stop_gradient(jnp.clip(jnp.floor(margin * theta / math.pi), 0, margin - 1))
-    sign = 1.0 - 2.0 * jnp.mod(k, 2.0)
-    psi = sign * jnp.cos(margin * theta) - 2.0 * k
-    target = (lamb * cos_y + psi) / (1.0 + lamb)
-    return _replace_target(cosine, target_mask, target, scale)
+    return _target_margin_logits(
+        cosine, labels, _sphereface_margin(scale=scale, margin=margin, lamb=lamb)
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -359,6 +450,8 @@ def curricularface(
     :func:`curricularface_update`. True gradient (t and the hard mask are constants).
     The official code advances ``t`` just before using it; the training step
     advances it after the step, a one-step lag that momentum 0.01 makes negligible.
+    Not target-only (the hard negatives depend on ``cos_y``): :func:`margin_loss`
+    takes the generic path.
 
     Shapes: cosine (B, C), labels (B,), t scalar -> (B, C) float32.
     """
@@ -379,6 +472,38 @@ def curricularface_update(t: Array, target_cosine: Array, *, momentum: float = 0
     return jax.lax.stop_gradient(momentum * jnp.mean(cos_y) + (1.0 - momentum) * t)
 
 
+def _adaface_target(
+    cos_y: Array,
+    *,
+    norms: Array,
+    margin: float,
+    h: float,
+    batch_mean: Array | float,
+    batch_std: Array | float,
+    eps: float,
+) -> Array:
+    """AdaFace target ``cos(clip(theta_y - m z, eps, pi - eps)) - (m + m z)``, (B,) -> (B,).
+
+    ``theta_y = arccos(clip(cos_y, -1 + eps, 1 - eps))``; ``z`` (B,) from ``norms`` (B,).
+    """
+    chex.assert_shape(norms, cos_y.shape)
+    cos_y = jnp.clip(cos_y, -1.0 + eps, 1.0 - eps)
+    safe_norms = jax.lax.stop_gradient(jnp.clip(norms.astype(jnp.float32), 0.001, 100.0))
+    z = (safe_norms - batch_mean) / (batch_std + eps)
+    z = jax.lax.stop_gradient(jnp.clip(z * h, -1.0, 1.0))
+    theta = jnp.arccos(cos_y)
+    theta_m = jnp.clip(theta - margin * z, eps, math.pi - eps)
+    return jnp.cos(theta_m) - (margin + margin * z)
+
+
+def _adaface_margin(*, norms, scale, margin, h, batch_mean, batch_std, eps) -> _TargetMargin:
+    target = functools.partial(
+        _adaface_target, norms=norms, margin=margin, h=h,
+        batch_mean=batch_mean, batch_std=batch_std, eps=eps,
+    )
+    return _TargetMargin(scale, target, clip=(-1.0 + eps, 1.0 - eps))
+
+
 def adaface(
     cosine: Array,
     labels: Array,
@@ -396,20 +521,14 @@ def adaface(
     With ``z = clip(h (||x|| - mean) / (std + eps), -1, 1)`` (feature norms
     detached; ``mean``/``std`` the running statistics from :func:`adaface_update`):
     target ``cos(clip(theta_y - m z, eps, pi - eps)) - (m + m z)``, true gradient.
+    All cosines are clipped to ``[-1 + eps, 1 - eps]`` first (true clip gradient).
 
     Shapes: cosine (B, C), labels (B,), norms (B,) -> (B, C) float32.
     """
-    cosine, target_mask, cos_y = _prepare(cosine, labels)
-    chex.assert_shape(norms, (cosine.shape[0],))
-    cosine = jnp.clip(cosine, -1.0 + eps, 1.0 - eps)
-    cos_y = jnp.clip(cos_y, -1.0 + eps, 1.0 - eps)
-    safe_norms = jax.lax.stop_gradient(jnp.clip(norms.astype(jnp.float32), 0.001, 100.0))
-    z = (safe_norms - batch_mean) / (batch_std + eps)
-    z = jax.lax.stop_gradient(jnp.clip(z * h, -1.0, 1.0))
-    theta = jnp.arccos(cos_y)
-    theta_m = jnp.clip(theta - margin * z, eps, math.pi - eps)
-    target = jnp.cos(theta_m) - (margin + margin * z)
-    return _replace_target(cosine, target_mask, target, scale)
+    return _target_margin_logits(cosine, labels, _adaface_margin(
+        norms=norms, scale=scale, margin=margin, h=h,
+        batch_mean=batch_mean, batch_std=batch_std, eps=eps,
+    ))
 
 
 def adaface_update(
@@ -423,6 +542,17 @@ def adaface_update(
         t_alpha * mean + (1.0 - t_alpha) * batch_mean,
         t_alpha * std + (1.0 - t_alpha) * batch_std,
     )
+
+
+def _elasticface_target(cos_y: Array, *, rng: Array, margin: float, sigma: float) -> Array:
+    """ElasticFace-Arc target ``cos(arccos(cos_y) + m_i)``, ``m_i ~ N(margin, sigma)``, (B,) -> (B,)."""
+    m = margin + sigma * jax.random.normal(rng, cos_y.shape, jnp.float32)
+    return jnp.cos(safe_arccos(cos_y) + m)
+
+
+def _elasticface_margin(*, rng, scale, margin, sigma) -> _TargetMargin:
+    target = functools.partial(_elasticface_target, rng=rng, margin=margin, sigma=sigma)
+    return _TargetMargin(scale, target)
 
 
 def elasticface(
@@ -441,10 +571,9 @@ def elasticface(
 
     Shapes: cosine (B, C), labels (B,) -> (B, C) float32.
     """
-    cosine, target_mask, cos_y = _prepare(cosine, labels)
-    m = margin + sigma * jax.random.normal(rng, cos_y.shape, jnp.float32)
-    target = jnp.cos(safe_arccos(cos_y) + m)
-    return _replace_target(cosine, target_mask, target, scale)
+    return _target_margin_logits(
+        cosine, labels, _elasticface_margin(rng=rng, scale=scale, margin=margin, sigma=sigma)
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -503,6 +632,37 @@ def _accepts(fn: MarginFn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
+# Target-only margins: public margin function -> builder of its _TargetMargin from
+# the function's keyword arguments (None where those make it not target-only).
+# CurricularFace changes non-target logits and has no entry.
+_TARGET_MARGINS: tuple[tuple[MarginFn, Callable[..., _TargetMargin | None]], ...] = (
+    (x2_softmax, _x2_margin),
+    (normface, _normface_margin),
+    (arcface, _arcface_margin),
+    (cosface, _cosface_margin),
+    (combined_margin, _combined_margin),
+    (sphereface, _sphereface_margin),
+    (adaface, _adaface_margin),
+    (elasticface, _elasticface_margin),
+)
+
+
+def _target_margin(margin_fn: MarginFn, params: dict[str, Any]) -> _TargetMargin | None:
+    """``margin_fn(., ., **params)`` as a :class:`_TargetMargin`; None: not target-only.
+
+    Only the registry's own functions (by identity) qualify; their defaults fill
+    the parameters not in ``params`` (a bad keyword raises ``TypeError`` as a call would).
+    """
+    build = next((b for fn, b in _TARGET_MARGINS if fn is margin_fn), None)
+    if build is None:
+        return None
+    bound = inspect.signature(margin_fn).bind(None, None, **params)
+    bound.apply_defaults()
+    kwargs = dict(bound.arguments)
+    del kwargs["cosine"], kwargs["labels"]
+    return build(**kwargs)
+
+
 # ----------------------------------------------------------------------------
 # Normalisation, cross-entropy, the full head loss
 # ----------------------------------------------------------------------------
@@ -528,6 +688,105 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     return jnp.where(in_range, jax.nn.logsumexp(logits, axis=1) - z_y, 0.0)
 
 
+def _target_logits(
+    cosine: Array, labels: Array, target: Array, scale: Array, clip: tuple[Array, Array] | None
+) -> tuple[Array, Array, Array]:
+    """``scale * where(target column, target, nontarget(cosine))``: logits (B, C), mask, nontarget."""
+    target_mask = labels[:, None] == jnp.arange(cosine.shape[1], dtype=labels.dtype)[None, :]
+    nontarget = jnp.clip(cosine, -1.0, 1.0)
+    if clip is not None:
+        nontarget = jnp.clip(nontarget, *clip)
+    return scale * jnp.where(target_mask, target[:, None], nontarget), target_mask, nontarget
+
+
+@jax.custom_vjp
+def _target_ce(
+    cosine: Array,
+    labels: Array,
+    target: Array,
+    dtarget: Array,
+    scale: Array,
+    clip: tuple[Array, Array] | None,
+) -> Array:
+    """Per-row cross-entropy of a target-only margin: a logsumexp forward, one-pass backward.
+
+    ``z = scale * nontarget(cosine)`` with column ``labels[i]`` set to ``scale *
+    target[i]``; returns ``logsumexp(z) - scale * target`` (B,), 0 where
+    ``labels[i] == -1``. The backward is one elementwise pass over (B, C):
+    ``dcos = g s p_j nontarget'(cos_j)`` off target and ``g s (p_y - 1) dtarget``
+    on it (``dtarget`` (B,) = d target / d cos_y: the target's dependence on the
+    cosine enters here, not through ``target``, which must not depend on ``cosine``).
+    ``target`` and ``scale`` get their true cotangents; ``dtarget`` gets 0 (it
+    only shapes the gradient).
+
+    Shapes: cosine (B, C) f32, labels (B,) int in [0, C) or -1, target, dtarget
+    (B,) f32, scale () f32, clip None or (lo, hi) f32 scalars -> (B,) f32.
+    """
+    return _target_ce_fwd(cosine, labels, target, dtarget, scale, clip)[0]
+
+
+def _target_ce_fwd(cosine, labels, target, dtarget, scale, clip):
+    z, _, _ = _target_logits(cosine, labels, target, scale, clip)
+    # Softmax relative to the row maximum, as jax.nn.logsumexp and its gradient:
+    # p = exp(z - m) / sumexp keeps 1 - p_y accurate when p_y ~ 1 (exp(z - lse)
+    # would round lse at the magnitude of z).
+    m = jnp.max(z, axis=1)
+    sumexp = jnp.sum(jnp.exp(z - m[:, None]), axis=1)
+    ce = jnp.where(labels >= 0, jnp.log(sumexp) + (m - scale * target), 0.0)
+    return ce, (cosine, labels, target, dtarget, scale, clip, m, sumexp)
+
+
+def _target_ce_bwd(res, g):
+    cosine, labels, target, dtarget, scale, clip, m, sumexp = res
+    g = jnp.where(labels >= 0, g, 0.0)
+    z, target_mask, nontarget = _target_logits(cosine, labels, target, scale, clip)
+    p = jnp.exp(z - m[:, None]) * (1.0 / sumexp)[:, None]
+    gs = (g * scale)[:, None]
+    dnontarget = jnp.where(target_mask, 0.0, gs * p)
+    if clip is None:  # clip_cosine: value clipped to [-1, 1], derivative 1
+        dcos, dclip = dnontarget, None
+    else:  # then jnp.clip(., lo, hi) (AdaFace): jnp.clip's own derivative
+        _, clip_vjp = jax.vjp(jnp.clip, jnp.clip(cosine, -1.0, 1.0), *clip)
+        dcos, *dclip = clip_vjp(dnontarget)
+        dclip = tuple(dclip)
+    dcos = jnp.where(target_mask, gs * (p - 1.0) * dtarget[:, None], dcos)
+    # Unused cotangents (target, scale, clip not differentiated) are dead code under jit.
+    target_bar = g * scale * (jnp.exp(scale * target - m) / sumexp - 1.0)
+    logits_over_scale = jnp.where(target_mask, target[:, None], nontarget)
+    dscale = jnp.sum(g[:, None] * p * logits_over_scale) - jnp.sum(g * target)
+    return dcos, None, target_bar, None, dscale, dclip
+
+
+_target_ce.defvjp(_target_ce_fwd, _target_ce_bwd)
+
+
+def _target_margin_cross_entropy(cosine: Array, labels: Array, margin: _TargetMargin) -> Array:
+    """Per-row cross-entropy (B,) of ``_target_margin_logits(cosine, labels, margin)``, fused.
+
+    Equal (to float32 rounding) in value and gradient to ``cross_entropy`` of those
+    logits, without their (B, C) mask, replace and target-sum passes: ``cos_y`` by
+    a gather (a label outside [0, C) reads column 0, whose value is then masked
+    out: such rows give 0 and zero gradient), the target and its derivative
+    ``d target / d cos_y`` by one ``jax.jvp`` of the row-wise ``margin.target``
+    on (B,), then :func:`_target_ce`.
+
+    Shapes: cosine (B, C) float, labels (B,) int -> (B,) float32.
+    """
+    chex.assert_rank([cosine, labels], [2, 1])
+    chex.assert_type(labels, int)
+    chex.assert_equal_shape_prefix([cosine, labels], 1)
+    num_classes = cosine.shape[1]
+    check_labels(labels, num_classes)
+    cosine = cosine.astype(jnp.float32)
+    labels = jnp.where((labels >= 0) & (labels < num_classes), labels, -1)
+    cos_y = jnp.take_along_axis(cosine, jnp.maximum(labels, 0)[:, None], axis=1)[:, 0]
+    cos_y = jax.lax.stop_gradient(jnp.clip(cos_y, -1.0, 1.0))
+    target, dtarget = jax.jvp(margin.target, (cos_y,), (jnp.ones_like(cos_y),))
+    clip = None if margin.clip is None else tuple(jnp.asarray(b, jnp.float32) for b in margin.clip)
+    scale = jnp.asarray(margin.scale, jnp.float32)
+    return _target_ce(cosine, labels, target.astype(jnp.float32), dtarget.astype(jnp.float32), scale, clip)
+
+
 def margin_loss(
     embeddings: Array,
     weight: Array,
@@ -545,6 +804,13 @@ def margin_loss(
     ``margin_fn`` may be a registry name. Functions that take ``norms`` (AdaFace)
     receive the embedding norms.
 
+    Target-only margins of the registry (all but CurricularFace and a combined
+    margin with inter-class filtering) take a fused path with the same value and
+    gradients: the cross-entropy is computed from the cosine and the per-row
+    target logit in one (B, C) pass forward and one backward
+    (:func:`_target_margin_cross_entropy`). Other functions, user-supplied ones
+    included, get the generic ``cross_entropy(margin_fn(cosine, labels, **params))``.
+
     Shapes: embeddings (B, D), weight (C, D) (insightface layout), labels (B,) int
     -> scalar float32.
     """
@@ -560,6 +826,8 @@ def margin_loss(
     check_labels(labels, weight.shape[0])
     if _accepts(margin_fn, "norms") and "norms" not in params:
         params["norms"] = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=1)
+    margin = _target_margin(margin_fn, params)
     cosine = jnp.matmul(l2_normalize(embeddings), l2_normalize(weight).T, precision=precision)
-    logits = margin_fn(cosine, labels, **params)
-    return jnp.mean(cross_entropy(logits, labels))
+    if margin is not None:
+        return jnp.mean(_target_margin_cross_entropy(cosine, labels, margin))
+    return jnp.mean(cross_entropy(margin_fn(cosine, labels, **params), labels))
