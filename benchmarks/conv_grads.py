@@ -5,12 +5,14 @@ For every distinct conv of IResNet-50 at 112x112 (batch ``--batch``), times with
 
 * ``fwd``: ``lax.conv_general_dilated``;
 * ``dx``: XLA's input gradient (transposed conv);
+* ``dx phases``: ``fast_conv``'s per-phase input gradient (one stride-1 conv per
+  output phase; the same as ``dx`` at stride 1);
 * ``dW xla``: XLA's weight gradient;
 * ``dW matmul``: ``x2jax.models.fast_conv``'s matmul weight gradient (``G^T @ P``);
 * ``fwd im2col``: the forward as one im2col GEMM (for comparison only).
 
 and the r50 totals (each shape times its count in the network). GFLOP/s =
-``2 B H' W' C O KH KW`` / time for each of the five.
+``2 B H' W' C O KH KW`` / time for each column.
 
     python benchmarks/conv_grads.py               # batch 32, about a minute on 2 cores
     python benchmarks/conv_grads.py --batch 8 --repeats 3
@@ -56,7 +58,7 @@ def main() -> None:
     dn = ("NHWC", "HWIO", "NHWC")
     print(f"# conv timings, IResNet-50 shapes, batch {args.batch}, median of {args.repeats}")
     print(f"# machine: {_common.machine_line()}", flush=True)
-    names = ("fwd", "dx", "dW xla", "dW matmul", "fwd im2col")
+    names = ("fwd", "dx", "dx phases", "dW xla", "dW matmul", "fwd im2col")
     totals = dict.fromkeys(names, 0.0)
     rows = []
     for h, c, o, k, s, count in R50_CONVS:
@@ -78,6 +80,8 @@ def main() -> None:
         fns = {
             "fwd": jax.jit(conv),
             "dx": jax.jit(lambda x, w: jax.vjp(lambda a: conv(a, w), x)[1](g)[0]),
+            "dx phases": jax.jit(lambda x, w: fast_conv._input_grad_phases(
+                g, w, x.shape, (s, s), pad)),
             "dW xla": jax.jit(lambda x, w: jax.vjp(lambda b: conv(x, b), w)[1](g)[0]),
             "dW matmul": jax.jit(lambda x, w: fast_conv._weight_grad_matmul(
                 x, g, w.shape, (s, s), pad)),

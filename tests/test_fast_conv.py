@@ -21,6 +21,8 @@ CASES = [
     (2, 9, 7, 3, 8, 3, 2, ((1, 1), (1, 1))),      # stem-like C=3, odd non-square
     (2, 8, 8, 4, 6, 3, 2, ((0, 1), (1, 0))),      # asymmetric explicit padding
     (1, 6, 6, 4, 4, 1, 1, ((1, 1), (1, 1))),      # padded 1x1
+    (2, 11, 11, 4, 6, 3, 3, ((1, 1), (1, 1))),    # stride 3: phases with 1 tap each
+    (2, 10, 9, 4, 6, 2, 2, ((0, 0), (0, 1))),     # 2x2 kernel, stride 2
 ]
 
 
@@ -62,11 +64,13 @@ def _value_and_grads(fn, x, kernel, g):
 
 
 def _ours_and_lax(x, kernel, g, stride, pad):
-    """(y, dx, dW) of conv2d_im2col (matmul weight gradient) and of lax, in one jit."""
+    """(y, dx, dW) of conv2d_im2col (matmul weight gradient, per-phase input gradient)
+    and of lax, in one jit."""
     @jax.jit
     def both(a, k, ct):
         ours = _value_and_grads(lambda a, k: fast_conv.conv2d_im2col(
-            a, k, strides=(stride, stride), padding=pad, weight_grad="matmul"), a, k, ct)
+            a, k, strides=(stride, stride), padding=pad, weight_grad="matmul",
+            input_grad="phases"), a, k, ct)
         ref = _value_and_grads(lambda a, k: lax.conv_general_dilated(
             a, k, (stride, stride), pad, dimension_numbers=DN), a, k, ct)
         return ours, ref
@@ -107,14 +111,36 @@ def test_weight_grad_policy():
     m = fast_conv.weight_grad_method
     assert m((32, 56, 56, 64), (1, 1, 64, 128), (2, 2)) == "matmul"  # 1x1 shortcut
     assert m((32, 14, 14, 256), (1, 1, 256, 512), (2, 2)) == "matmul"
-    assert m((32, 56, 56, 64), (3, 3, 64, 128), (1, 1)) == "matmul"  # narrow, channels change
-    assert m((32, 112, 112, 64), (3, 3, 64, 64), (2, 2)) == "matmul"  # narrow, strided
-    assert m((32, 112, 112, 64), (3, 3, 64, 64), (1, 1)) == "matmul"  # narrow, 112 px
-    assert m((32, 112, 112, 3), (3, 3, 3, 64), (1, 1)) == "matmul"  # stem
+    assert m((32, 56, 56, 64), (3, 3, 64, 128), (1, 1)) == "xla"
+    assert m((32, 112, 112, 64), (3, 3, 64, 64), (2, 2)) == "xla"
+    assert m((32, 112, 112, 3), (3, 3, 3, 64), (1, 1)) == "xla"  # stem
     assert m((32, 56, 56, 64), (3, 3, 64, 64), (1, 1)) == "xla"
     assert m((32, 28, 28, 128), (3, 3, 128, 256), (1, 1)) == "xla"
     assert m((32, 56, 56, 128), (3, 3, 128, 128), (2, 2)) == "xla"
     assert m((32, 14, 14, 256), (3, 3, 256, 256), (1, 1)) == "xla"
+
+
+def test_input_grad_policy():
+    m = fast_conv.input_grad_method
+    assert m((32, 112, 112, 64), (3, 3, 64, 64), (2, 2)) == "phases"
+    assert m((32, 28, 28, 256), (3, 3, 256, 256), (2, 2)) == "phases"
+    assert m((32, 14, 14, 512), (3, 3, 512, 512), (2, 2)) == "xla"  # measured slower there
+    assert m((32, 112, 112, 64), (3, 3, 64, 64), (1, 1)) == "xla"  # stride 1: nothing dilated
+    assert m((32, 56, 56, 64), (1, 1, 64, 128), (2, 2)) == "xla"  # 1x1: its own matmul form
+
+
+def test_auto_input_gradient_of_a_large_strided_conv_equals_lax():
+    """The "auto" path as the backbone takes it (phases at >= 28 px), float32 vs lax."""
+    case = (2, 30, 30, 8, 8, 3, 2, ((1, 1), (1, 1)))
+    x, kernel, g = _inputs(case, jnp.float32, seed=3)
+    f = lambda a, k: fast_conv.conv2d_im2col(a, k, strides=(2, 2), padding=case[7])
+    r = lambda a, k: lax.conv_general_dilated(a, k, (2, 2), case[7], dimension_numbers=DN)
+    ours, ref = jax.jit(lambda a, k, ct: (_value_and_grads(f, a, k, ct),
+                                          _value_and_grads(r, a, k, ct)))(x, kernel, g)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a: f(a, kernel).sum()))(x))
+    assert "lhs_dilation=(2, 2)" not in jaxpr and "lhs_dilation=(1, 1)" in jaxpr
+    for name, a, b in zip(("y", "dx", "dW"), ours, ref):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * np.abs(b).max(), err_msg=name)
 
 
 def test_grouped_conv_falls_back_to_xla():
@@ -137,6 +163,8 @@ def test_bad_arguments_raise():
         fast_conv.conv2d_im2col(x, k, strides=(1, 1), padding=((-1, 0), (0, 0)))
     with pytest.raises(ValueError, match="weight_grad"):
         fast_conv.conv2d_im2col(x, k, strides=(1, 1), padding=((1, 1), (1, 1)), weight_grad="fft")
+    with pytest.raises(ValueError, match="input_grad"):
+        fast_conv.conv2d_im2col(x, k, strides=(1, 1), padding=((1, 1), (1, 1)), input_grad="fft")
     with pytest.raises(ValueError, match="kernel"):
         fast_conv.conv2d_im2col(x, jnp.ones((3, 3, 3, 2)), strides=(1, 1),
                                 padding=((1, 1), (1, 1)))

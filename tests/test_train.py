@@ -221,6 +221,7 @@ def test_out_of_range_label_in_a_batch_stops_naming_the_step(tmp_path, cache_dir
         ({"loss.params.margin": 0.5}, r"loss.params \['margin'\] not accepted by x2_softmax"),
         ({"model.name": "r1000"}, "model.name 'r1000' unknown"),
         ({"num_epochs": 2.0}, "set exactly one of num_steps"),
+        ({"schedule.warmup_steps": 1000}, r"schedule.warmup_steps=1000 must be in \[0, num_steps="),
         ({"eval.sets": "lfw"}, "eval set 'lfw'.*lfw.bin not found"),
     ],
 )
@@ -238,6 +239,15 @@ def test_unknown_config_key_is_an_error_naming_the_known_keys(cache_dir):
         tiny_config(cache_dir, **{"num_steps": "ten"})
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config.nope=1"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "unknown config key 'nope'" in out.stderr
+
+
+def test_resume_takes_another_conv_impl_and_refuses_another_model(tmp_path, cache_dir):
+    """conv_impl says how the backbone runs, not what it is: a resume may change it."""
+    train(tiny_config(cache_dir, num_steps=4, **{"model.conv_impl": "xla"}), tmp_path)
+    out = train(tiny_config(cache_dir, num_steps=5, **{"model.conv_impl": "im2col"}), tmp_path)
+    assert (out["start_step"], out["step"]) == (4, 5)
+    with pytest.raises(ValueError, match="was written for model .*'embedding_size': 32"):
+        train(tiny_config(cache_dir, num_steps=6, **{"model.embedding_size": 16}), tmp_path)
 
 
 def test_half_written_checkpoint_is_not_taken_as_latest(tmp_path, cache_dir):

@@ -1,9 +1,10 @@
-"""A 2-D convolution whose gradients are computed as matmuls where XLA:CPU is slow.
+"""A 2-D convolution whose gradients avoid XLA:CPU's slow forms.
 
-XLA:CPU lowers the weight gradient of a convolution (a conv that contracts over
-the batch and spatial axes) to kernels that reach a fraction of the forward
-rate on some shapes; for the strided 1x1 shortcut convs of IResNet it was 3-4x
-slower than one matmul (``benchmarks/conv_grads.py``, docs/benchmarks.md). :func:`conv2d_im2col`
+XLA:CPU computes two convolution gradients of IResNet far below the forward
+rate (``benchmarks/conv_grads.py``, docs/benchmarks.md): the weight gradient
+of 1x1 convs (9-75 GFLOP/s against 100-190 for the forward), and the input
+gradient of strided convs, which it runs as a conv over the zero-dilated
+output gradient (at stride 2, 3 of 4 products are with zeros). :func:`conv2d_im2col`
 keeps XLA's forward and computes, with a ``jax.custom_vjp``:
 
 * the weight gradient as an im2col matmul::
@@ -12,17 +13,19 @@ keeps XLA's forward and computes, with a ``jax.custom_vjp``:
                      = (G^T @ P)[o, (u, v, c)]
 
   with ``G = g`` as (B*H'*W', O) and ``P`` the (B*H'*W', KH*KW*C) patches;
-  for a 1x1 conv ``P`` is just the strided input (no copy of patches).
+  for a 1x1 conv ``P`` is just the strided input (no copy of patches);
 * the input gradient of a 1x1 conv as ``g @ W^T`` spread back onto the stride
-  grid with an interior ``lax.pad``; for larger kernels XLA's transposed conv,
-  which runs at the forward rate on this CPU.
+  grid with an interior ``lax.pad``;
+* the input gradient of a strided KxK conv as one stride-1 conv of ``g`` per
+  output phase (:func:`_input_grad_phases`), interleaved by a reshape.
 
-Which weight-gradient form is used per conv is chosen from static shapes by
-:func:`weight_grad_method` (``"auto"``), measured on a 2-core AVX2/AVX-512 CPU
-with jax 0.10.2: the matmul wins for 1x1 kernels and for narrow (< 128
-channel) strided, channel-changing or large-input convs, and loses to XLA's own
-kernel on the others. ``weight_grad="matmul"``
-forces the matmul everywhere (tests). Products accumulate in float32
+Which form is used per conv is chosen from static shapes by
+:func:`weight_grad_method` and :func:`input_grad_method` (``"auto"``), measured
+on a 2-core AVX2/AVX-512 CPU with jax 0.10.2 and ``x2jax.runtime``'s flag
+(XLA's own convolutions, not YNNPACK's): matmul weight gradients for 1x1
+kernels only, per-phase input gradients for strided convs on inputs of >= 28 px;
+XLA's own everywhere else. ``weight_grad="matmul"`` / ``input_grad="phases"``
+force them everywhere (tests). Products accumulate in float32
 (``preferred_element_type``) and are cast to the input dtype, as XLA does.
 
 Grouped (depthwise) convolutions are passed to XLA unchanged.
@@ -39,10 +42,11 @@ from jax import lax
 
 Array = jax.Array
 WeightGrad = Literal["auto", "matmul", "xla"]
+InputGrad = Literal["auto", "phases", "xla"]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
-__all__ = ["conv2d_im2col", "weight_grad_method"]
+__all__ = ["conv2d_im2col", "input_grad_method", "weight_grad_method"]
 
 
 def _conv(x: Array, kernel: Array, strides: tuple[int, int],
@@ -55,18 +59,28 @@ def weight_grad_method(x_shape: Sequence[int], kernel_shape: Sequence[int],
                        strides: tuple[int, int]) -> Literal["matmul", "xla"]:
     """Weight-gradient form for a conv of these static shapes ("auto" policy).
 
-    Matmul for 1x1 kernels (XLA:CPU: 3-4x slower than one matmul on the strided
-    IResNet shortcuts) and for narrow convs (< 128 input channels) that are
-    strided, change the channel count or run on >= 112 px inputs (XLA 1.2-1.7x
-    slower there); XLA's own kernel elsewhere, where it was as fast or faster
-    (``benchmarks/conv_grads.py``, docs/benchmarks.md).
+    Matmul for 1x1 kernels (XLA:CPU 1.2-3x slower than one matmul there, most on
+    the strided IResNet shortcuts); XLA's own kernel for the others, where it is
+    1.3-2.4x faster than the im2col matmul once convolutions run on XLA's own
+    kernels rather than YNNPACK's (``x2jax.runtime``; ``benchmarks/conv_grads.py``,
+    docs/benchmarks.md).
     """
-    kh, kw, cin, cout = kernel_shape
-    if (kh, kw) == (1, 1):
-        return "matmul"
-    if cin < 128 and (strides != (1, 1) or cin != cout or x_shape[1] >= 112):
-        return "matmul"
-    return "xla"
+    kh, kw, _, _ = kernel_shape
+    return "matmul" if (kh, kw) == (1, 1) else "xla"
+
+
+def input_grad_method(x_shape: Sequence[int], kernel_shape: Sequence[int],
+                      strides: tuple[int, int]) -> Literal["phases", "xla"]:
+    """Input-gradient form of a strided KxK conv ("auto" policy).
+
+    XLA computes it as a conv over the zero-dilated output gradient (3 of 4
+    products are with zeros at stride 2); :func:`_input_grad_phases` as one
+    stride-1 conv per output phase. Measured 1.6-2.4x faster for inputs of
+    >= 28 px, 0.84x at 14 px (``benchmarks/conv_grads.py``).
+    """
+    if tuple(strides) == (1, 1) or tuple(kernel_shape[:2]) == (1, 1):
+        return "xla"
+    return "phases" if min(x_shape[1], x_shape[2]) >= 28 else "xla"
 
 
 def _patches(x_pad: Array, kh: int, kw: int, strides: tuple[int, int],
@@ -109,18 +123,53 @@ def _input_grad_1x1(g: Array, kernel: Array, x_shape: tuple[int, ...],
     return dx_pad[:, pt:pt + h, pl:pl + w, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _input_grad_phases(g: Array, kernel: Array, x_shape: tuple[int, ...],
+                       strides: tuple[int, int],
+                       padding: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+    """dx of a strided conv as one stride-1 conv of ``g`` per output phase.
+
+    With ``p = s m + a`` a row of the padded input, ``dx_pad[p] = sum_t g[m - t]
+    W[a + s t]``: phase ``(a, b)`` is a conv of ``g`` with the taps
+    ``W[a::s, b::s]`` flipped (in/out swapped); the phases are interleaved by a
+    reshape and the padding cropped. Same products as XLA's transposed conv
+    without the zero-dilated rows and columns.
+    """
+    b_, h, w, c = x_shape
+    kh, kw = kernel.shape[:2]
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    _, ho, wo, _ = g.shape
+    mh, mw = -(-(h + pt + pb) // sh), -(-(w + pl + pr) // sw)  # rows / cols per phase
+    kernel_t = jnp.swapaxes(kernel, 2, 3)  # (KH, KW, O, C): from g back to C channels
+    rows = []
+    for a in range(sh):
+        cols = []
+        for b in range(sw):
+            ta, tb = len(range(a, kh, sh)), len(range(b, kw, sw))
+            if ta == 0 or tb == 0:
+                cols.append(jnp.zeros((b_, mh, mw, c), g.dtype))
+                continue
+            taps = kernel_t[a::sh, b::sw][::-1, ::-1]
+            phase = lax.conv_general_dilated(
+                g, taps, (1, 1), ((ta - 1, max(0, mh - ho)), (tb - 1, max(0, mw - wo))),
+                dimension_numbers=_DIMENSION_NUMBERS, preferred_element_type=jnp.float32)
+            cols.append(phase[:, :mh, :mw, :].astype(g.dtype))
+        rows.append(jnp.stack(cols, axis=3))  # (B, mh, mw, sw, C)
+    dx_pad = jnp.stack(rows, axis=2).reshape(b_, mh * sh, mw * sw, c)  # (B, mh, sh, mw, sw, C)
+    return dx_pad[:, pt:pt + h, pl:pl + w, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv_matmul_grads(x: Array, kernel: Array, strides: tuple[int, int],
                        padding: tuple[tuple[int, int], tuple[int, int]],
-                       weight_grad: str) -> Array:
+                       weight_grad: str, input_grad: str) -> Array:
     return _conv(x, kernel, strides, padding)
 
 
-def _fwd(x, kernel, strides, padding, weight_grad):
+def _fwd(x, kernel, strides, padding, weight_grad, input_grad):
     return _conv(x, kernel, strides, padding), (x, kernel)
 
 
-def _bwd(strides, padding, weight_grad, residuals, g):
+def _bwd(strides, padding, weight_grad, input_grad, residuals, g):
     x, kernel = residuals
     g = g.astype(x.dtype)
     if weight_grad == "auto":
@@ -133,12 +182,17 @@ def _bwd(strides, padding, weight_grad, residuals, g):
         else:
             dw = _weight_grad_matmul(x, g, kernel.shape, strides, padding)
         return dx, dw.astype(kernel.dtype)
-    if weight_grad == "xla":
-        _, vjp = jax.vjp(lambda a, k: _conv(a, k, strides, padding), x, kernel)
-        dx, dw = vjp(g)
+    if input_grad == "auto":
+        input_grad = input_grad_method(x.shape, kernel.shape, strides)
+    if input_grad == "phases":
+        dx = _input_grad_phases(g, kernel, x.shape, strides, padding)
     else:
         _, vjp_x = jax.vjp(lambda a: _conv(a, kernel, strides, padding), x)
         dx = vjp_x(g)[0]
+    if weight_grad == "xla":
+        _, vjp_w = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
+        dw = vjp_w(g)[0]
+    else:
         dw = _weight_grad_matmul(x, g, kernel.shape, strides, padding)
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
@@ -148,12 +202,13 @@ _conv_matmul_grads.defvjp(_fwd, _bwd)
 
 def conv2d_im2col(x: Array, kernel: Array, *, strides: tuple[int, int],
                   padding: Sequence[tuple[int, int]], groups: int = 1,
-                  weight_grad: WeightGrad = "auto") -> Array:
+                  weight_grad: WeightGrad = "auto", input_grad: InputGrad = "auto") -> Array:
     """Same value as ``lax.conv_general_dilated`` (NHWC, HWIO), matmul gradients.
 
     Signature of ``x2jax.models.layers`` conv impls: ``strides`` (sh, sw),
     ``padding`` ((top, bottom), (left, right)) non-negative, ``groups``.
-    ``weight_grad``: "auto" (:func:`weight_grad_method`), "matmul" or "xla".
+    ``weight_grad``: "auto" (:func:`weight_grad_method`), "matmul" or "xla";
+    ``input_grad`` (KxK kernels): "auto" (:func:`input_grad_method`), "phases" or "xla".
 
     Shapes: x (B, H, W, C), kernel (KH, KW, C // groups, O) of x's dtype -> (B, H', W', O).
     """
@@ -165,6 +220,9 @@ def conv2d_im2col(x: Array, kernel: Array, *, strides: tuple[int, int],
     if weight_grad not in ("auto", "matmul", "xla"):
         raise ValueError(f"conv2d_im2col: weight_grad must be 'auto', 'matmul' or 'xla', "
                          f"got {weight_grad!r}")
+    if input_grad not in ("auto", "phases", "xla"):
+        raise ValueError(f"conv2d_im2col: input_grad must be 'auto', 'phases' or 'xla', "
+                         f"got {input_grad!r}")
     if groups != 1:
         return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads,
                                         dimension_numbers=_DIMENSION_NUMBERS,
@@ -172,4 +230,4 @@ def conv2d_im2col(x: Array, kernel: Array, *, strides: tuple[int, int],
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
         raise ValueError(f"conv2d_im2col: x (B, H, W, C) and kernel (KH, KW, C, O) expected, "
                          f"got x {x.shape} and kernel {kernel.shape}")
-    return _conv_matmul_grads(x, kernel, strides, pads, weight_grad)  # type: ignore[arg-type]
+    return _conv_matmul_grads(x, kernel, strides, pads, weight_grad, input_grad)  # type: ignore[arg-type]

@@ -48,7 +48,7 @@ def _conv2d_xla(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
 
 def _conv2d_auto(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
                  padding: list[tuple[int, int]], groups: int) -> jax.Array:
-    """"im2col" on the CPU backend (XLA:CPU weight gradients are slow), "xla" elsewhere."""
+    """"im2col" on the CPU backend (XLA:CPU's slow conv gradients avoided), "xla" elsewhere."""
     fn = conv2d_im2col if jax.default_backend() == "cpu" else _conv2d_xla
     return fn(x, kernel, strides=strides, padding=padding, groups=groups)
 
@@ -56,7 +56,7 @@ def _conv2d_auto(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
 CONV_IMPLS: dict[str, ConvFn] = {"xla": _conv2d_xla, "im2col": conv2d_im2col, "auto": _conv2d_auto}
 """Registered conv implementations: name -> fn(x, kernel, *, strides, padding, groups).
 
-"im2col": :func:`x2jax.models.fast_conv.conv2d_im2col` (matmul gradients, for CPU);
+"im2col": :func:`x2jax.models.fast_conv.conv2d_im2col` (matmul and per-phase gradients, for CPU);
 "auto": "im2col" on the CPU backend, "xla" on GPU/TPU.
 
 Add one with :func:`register_conv_impl`; select it with ``conv_impl=<name>``.

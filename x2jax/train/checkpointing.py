@@ -52,6 +52,16 @@ def model_description(config: ml_collections.ConfigDict, image_size: int) -> dic
     return description
 
 
+# How the backbone runs, not what it computes: may differ between a checkpoint and its resume.
+RUN_ONLY_KEYS = ("conv_impl",)
+
+
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`model_description` s describe the same parameters and function."""
+    strip = lambda d: {k: v for k, v in d.items() if k not in RUN_ONLY_KEYS}
+    return strip(a) == strip(b)
+
+
 def build_model(description: dict[str, Any]):
     """The backbone module of a :func:`model_description`."""
     kwargs = model_kwargs(description)

@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # layers / widths: override the architecture's stages (() = the named architecture's).
     c.model = ml_collections.ConfigDict(
-        dict(name="r18_tiny", embedding_size=128, dtype="float32", conv_impl="xla", dropout=0.0, layers=(), widths=())
+        dict(name="r18_tiny", embedding_size=128, dtype="float32", conv_impl="auto", dropout=0.0, layers=(), widths=())
     )
     # Loss: a name from x2jax.losses.NAMES and its keyword params; sample_rate < 1 is Partial FC.
     c.loss = ml_collections.ConfigDict(
@@ -238,6 +238,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("loss.sample_rate < 1 with optimizer.accumulate_steps > 1 is not supported")
     if (config.num_steps > 0) == (config.num_epochs > 0):
         raise ValueError(f"set exactly one of num_steps ({config.num_steps}) and num_epochs ({config.num_epochs})")
+    if config.num_steps > 0 and not 0 <= config.schedule.warmup_steps < config.num_steps:
+        raise ValueError(f"schedule.warmup_steps={config.schedule.warmup_steps} must be in "
+                         f"[0, num_steps={config.num_steps})")
     if config.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
     if config.mesh.param_sharding not in ("replicate", "fsdp"):

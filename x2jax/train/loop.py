@@ -26,7 +26,8 @@ from x2jax.parallel.mesh import initialize_distributed, make_mesh, mesh_axis_siz
 from x2jax.parallel.sharding import ShardingRules, host_local_to_global
 from x2jax.train import config as config_lib
 from x2jax.train import inputs
-from x2jax.train.checkpointing import Checkpointer, PreemptionWatcher, build_model, model_description, model_kwargs
+from x2jax.train.checkpointing import (Checkpointer, PreemptionWatcher, build_model, model_description,
+                                      model_kwargs, read_meta, same_model)
 from x2jax.train.metrics import MetricWriter, Progress, format_duration
 from x2jax.train.optimizer import make_optimizer, make_schedule
 from x2jax.train.state import make_state_factory
@@ -162,12 +163,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, iterator, saved = ckpt.restore(latest, abstract_state, iterator)
-        if saved["model"] != description or saved["num_classes"] != num_classes:
+        _, saved = read_meta(workdir / "checkpoints", latest)  # before restore: a clear error
+        if not same_model(saved["model"], description) or saved["num_classes"] != num_classes:
             raise ValueError(
                 f"checkpoint {workdir / 'checkpoints' / str(latest)} was written for model {saved['model']} "
                 f"with {saved['num_classes']} classes; this config has {description} with {num_classes}"
             )
+        state, iterator, saved = ckpt.restore(latest, abstract_state, iterator)
         _say(f"resumed from step {latest} (saved on mesh {saved['mesh']})")
     else:
         state = create_state(jax.random.PRNGKey(config.seed))
