@@ -56,6 +56,15 @@ def test_identity_depends_only_on_seed_and_index(train):
     assert np.array_equal(table[6:], direct)
 
 
+def test_threads_and_chunking_do_not_change_the_images(train):
+    """Chunks render in parallel threads; the result is the one-thread, one-chunk-size one."""
+    images, labels = train
+    for chunk, workers in ((256, 1), (60, 2), (20, 3)):
+        parts = list(synthetic.render_identities(CFG, range(50), 20, chunk=chunk, workers=workers))
+        assert np.array_equal(np.concatenate([im for im, _ in parts]), images), (chunk, workers)
+        assert np.array_equal(np.concatenate([ids for _, ids in parts]), labels), (chunk, workers)
+
+
 def test_verification_pairs_over_held_out_identities(verification):
     pairs, issame = synthetic.verification_pairs(CFG)
     k = CFG.verification_images_per_identity

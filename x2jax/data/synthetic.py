@@ -19,7 +19,9 @@ what the TFDS builder ``synthetic_faces`` stores.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 from typing import Iterator
 
 import numpy as np
@@ -285,15 +287,30 @@ def _render(p: dict[str, np.ndarray], size: int) -> np.ndarray:
 
 
 def render_identities(
-    cfg: SyntheticConfig, identities, images_per_identity: int, chunk: int = 256
+    cfg: SyntheticConfig, identities, images_per_identity: int, chunk: int = 256,
+    workers: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (images uint8 (b, S, S, 3), identity int64 (b,)) chunks, identity-major."""
+    """Yields (images uint8 (b, S, S, 3), identity int64 (b,)) chunks, identity-major.
+
+    Chunks render in ``workers`` threads (default: one per core; numpy releases the
+    GIL in its array loops), yielded in order. Every identity has its own random
+    streams, so the images do not depend on ``chunk`` or ``workers``.
+    """
     identities = np.asarray(identities, np.int64)
     ids_per_chunk = max(1, chunk // images_per_identity)
-    for start in range(0, len(identities), ids_per_chunk):
-        ids = identities[start : start + ids_per_chunk]
+    chunks = [identities[start : start + ids_per_chunk]
+              for start in range(0, len(identities), ids_per_chunk)]
+
+    def render(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         params = _stack_params(cfg, ids, images_per_identity)
-        yield _render(params, cfg.image_size), np.repeat(ids, images_per_identity)
+        return _render(params, cfg.image_size), np.repeat(ids, images_per_identity)
+
+    workers = min(len(chunks), workers or os.cpu_count() or 1)
+    if workers <= 1:
+        yield from map(render, chunks)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="x2jax-synthetic") as pool:
+        yield from pool.map(render, chunks)
 
 
 def generate_train(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
