@@ -14,6 +14,8 @@ one "step" is the loss and its gradients w.r.t. E and W. Rows:
   here: ``cross_entropy(x2_softmax(cosine, y))`` on the (B, C) logits, as
   ``margin_loss`` computes a user-supplied margin function (checked against the
   fused row: loss and gradient differences are printed);
+* ``x2jax x2_softmax sharded head``: ``x2jax.parallel.sharded_margin_loss`` (the
+  training step's head) on a one-device mesh;
 * ``torch x2_softmax``: PyTorch reference following the official code: the
   target logit replaced in place under ``torch.no_grad()``;
 * ``torch arcface``: insightface ``CombinedMarginLoss`` (1, 0.5, 0) code path
@@ -100,6 +102,8 @@ def main() -> None:
     import numpy as np
 
     from x2jax import losses
+    from x2jax.parallel import make_mesh
+    from x2jax.parallel.head import sharded_margin_loss
 
     torch = None
     if not args.no_torch:
@@ -155,6 +159,16 @@ def main() -> None:
         compile_s["x2jax x2_softmax generic"] = time.perf_counter() - t0
         losses_seen["x2jax x2_softmax generic"] = float(out[0])
         steps["x2jax x2_softmax generic"] = lambda: jax.block_until_ready(generic(emb, w, labels))
+        # The training step's head: x2jax.parallel.sharded_margin_loss on a one-device mesh.
+        mesh = make_mesh(data=1, model=1, devices=jax.devices()[:1])
+        sharded = jax.jit(jax.value_and_grad(
+            lambda e, w, y: sharded_margin_loss(e, w, y, margin_fn="x2_softmax", mesh=mesh, **X2),
+            argnums=(0, 1)))
+        t0 = time.perf_counter()
+        out_sharded = jax.block_until_ready(sharded(emb, w, labels))
+        compile_s["x2jax x2_softmax sharded head"] = time.perf_counter() - t0
+        losses_seen["x2jax x2_softmax sharded head"] = float(out_sharded[0])
+        steps["x2jax x2_softmax sharded head"] = lambda: jax.block_until_ready(sharded(emb, w, labels))
         fused = outs["x2_softmax"]
         rel = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(fused[1], out[1])]
         print(f"# C={num_classes}: x2_softmax fused (margin_loss) vs generic: loss {float(fused[0]):.6f} vs "

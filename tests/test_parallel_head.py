@@ -104,14 +104,17 @@ def test_two_axis_mesh_equals_single_device():
     ("curricularface", {"t": np.float32(0.3)}),  # non-target logits depend on cos_y
     ("adaface", {"batch_mean": np.float32(4.0), "batch_std": np.float32(1.0)}),  # uses norms
     ("elasticface", {"rng": jax.random.key(4)}),  # per-sample random margin
+    ("cosface", {}),  # target-only margins: block logits and target logit split
+    ("sphereface", {}),
+    ("combined_margin", {"m2": 0.3, "m3": 0.1, "interclass_filtering_threshold": 0.2}),  # generic
 ])
 def test_peer_losses_with_state_or_rng_equal_single_device(mesh, loss_name, params):
     e, w, y = _data(61, seed=9)
     e[:4] *= 30.0  # spread the embedding norms (AdaFace)
     fn = losses.get(loss_name)
     ref, ref_gw = jax.value_and_grad(losses.margin_loss, argnums=1)(e, w, y, fn, **params)
-    out, gw = jax.jit(jax.value_and_grad(lambda w, p: sharded_margin_loss(
-        e, w, y, margin_fn=fn, mesh=mesh, num_classes=61, **p)))(_pad(w, 64), params)
+    out, gw = jax.jit(jax.value_and_grad(lambda w: sharded_margin_loss(  # params: constants
+        e, w, y, margin_fn=fn, mesh=mesh, num_classes=61, **params)))(_pad(w, 64))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw)[:61], ref_gw, rtol=1e-5, atol=1e-5)
 

@@ -787,6 +787,34 @@ def _target_margin_cross_entropy(cosine: Array, labels: Array, margin: _TargetMa
     return _target_ce(cosine, labels, target.astype(jnp.float32), dtarget.astype(jnp.float32), scale, clip)
 
 
+def target_only_logits(
+    margin_fn: MarginFn, params: dict[str, Any]
+) -> tuple[Callable[[Array], Array], Callable[[Array], Array]] | None:
+    """The two halves of a target-only margin's logits, for heads that split them.
+
+    Returns ``(nontarget, target)``: ``nontarget(cosine)`` (B, C) -> (B, C) float32,
+    the logits of every column as a non-target; ``target(cos_y)`` (B,) -> (B,)
+    float32, the target logits from the target cosines. Together they equal
+    ``margin_fn(cosine, labels, **params)`` (same clips, same gradients); None when
+    ``margin_fn`` is not a target-only margin of the registry (CurricularFace,
+    inter-class filtering, user functions). ``x2jax.parallel``'s sharded head uses it.
+    """
+    margin = _target_margin(margin_fn, dict(params))
+    if margin is None:
+        return None
+
+    def nontarget(cosine: Array) -> Array:
+        cosine = clip_cosine(cosine.astype(jnp.float32))
+        if margin.clip is not None:
+            cosine = jnp.clip(cosine, *margin.clip)
+        return margin.scale * cosine
+
+    def target(cos_y: Array) -> Array:
+        return margin.scale * margin.target(clip_cosine(cos_y.astype(jnp.float32)))
+
+    return nontarget, target
+
+
 def margin_loss(
     embeddings: Array,
     weight: Array,

@@ -329,7 +329,14 @@ def sharded_margin_loss(
         if wants_norms:
             kw["norms"] = jnp.linalg.norm(e.astype(jnp.float32), axis=1)
         b = cos.shape[0]
-        if target_dependent:
+        split = None if target_dependent else losses.target_only_logits(margin_fn, kw)
+        if split is not None:
+            # Target-only margin: non-target logits straight from the block, the
+            # target logit from cos_y (no (B, C) target mask, replace or sum).
+            nontarget, target = split
+            logits = nontarget(cos)
+            tgt = target(cos_y)
+        elif target_dependent:
             # Non-target logits need cos_y: append it as the target column.
             ext = jnp.concatenate([cos, cos_y[:, None]], axis=1)
             logits_ext = margin_fn(ext, jnp.full((b,), cos.shape[1], jnp.int32), **kw)
