@@ -144,6 +144,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         loss_name=config.loss.name, loss_params=dict(config.loss.params), sample_rate=config.loss.sample_rate,
         float16=float16, rules=rules,
     )
+
+    # ---- checkpoint: one to resume, and of this model? (before any compile starts) -----------------
+    ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
+                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        _, saved = read_meta(workdir / "checkpoints", latest)
+        if not same_model(saved["model"], description) or saved["num_classes"] != num_classes:
+            ckpt.close()
+            raise ValueError(
+                f"checkpoint {workdir / 'checkpoints' / str(latest)} was written for model {saved['model']} "
+                f"with {saved['num_classes']} classes; this config has {description} with {num_classes}"
+            )
+
     # Compiles (or loads from the persistent cache) in a background thread while the
     # loader starts, the state is created or restored and the step-0 evaluation runs.
     train_step = AheadOfTimeStep(train_step, abstract_state, batch_spec(config.data.batch_size, image_size))
@@ -158,17 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         "process_count": jax.process_count(),
     }
 
-    # ---- checkpoint: resume or start ---------------------------------------------------------
-    ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
-                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    latest = ckpt.latest_step()
+    # ---- state: restore or create -------------------------------------------------------------
     if latest is not None:
-        _, saved = read_meta(workdir / "checkpoints", latest)  # before restore: a clear error
-        if not same_model(saved["model"], description) or saved["num_classes"] != num_classes:
-            raise ValueError(
-                f"checkpoint {workdir / 'checkpoints' / str(latest)} was written for model {saved['model']} "
-                f"with {saved['num_classes']} classes; this config has {description} with {num_classes}"
-            )
         state, iterator, saved = ckpt.restore(latest, abstract_state, iterator)
         _say(f"resumed from step {latest} (saved on mesh {saved['mesh']})")
     else:
