@@ -35,6 +35,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_processes(commands: list[list[str]], env: dict, timeout_s: float) -> list[str]:
+    """Start the commands together (one per process), wait; each must exit 0. Their logs."""
+    procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd in commands]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout_s)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{len(procs)} processes did not finish in {timeout_s} s: {commands[0][:3]}")
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+    return logs
+
+
 @pytest.mark.multiprocess
 def test_two_processes_match_single_process(tmp_path):
     worker = _worker_module()
@@ -42,19 +59,8 @@ def test_two_processes_match_single_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)
     outs = [tmp_path / f"proc{i}.npz" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), "2", str(outs[i])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"multi-process step did not finish in {TIMEOUT_S} s")
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+    _run_processes([[sys.executable, str(WORKER), str(port), str(i), "2", str(outs[i])]
+                    for i in range(2)], env, TIMEOUT_S)
 
     # Single process, 8 devices, same global batch and the same code.
     assert jax.device_count() == 8
@@ -89,20 +95,8 @@ def _train_cli(tmp_path, port, process_id, num_steps):
 def _run_two(tmp_path, num_steps):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen(_train_cli(tmp_path, port, i, num_steps), env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=4 * TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"two-process train.py did not finish in {4 * TIMEOUT_S} s")
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
-    return logs
+    return _run_processes([_train_cli(tmp_path, port, i, num_steps) for i in range(2)],
+                          env, 4 * TIMEOUT_S)
 
 
 @pytest.mark.multiprocess
