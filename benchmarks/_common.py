@@ -24,22 +24,23 @@ def set_threads(threads: int | None = None) -> int:
 YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
 
 
-def add_conv_runtime_arg(parser) -> None:
-    """``--ynn-convs``: keep jaxlib's default YNNPACK convolutions (for comparison)."""
+def parse_cpu_args(parser) -> "argparse.Namespace":
+    """Adds ``--ynn-convs``, parses, then (before jax is imported) pins the thread counts
+    to ``args.threads`` and sets ``XLA_FLAGS``: x2jax's CPU convolution flag as
+    ``train.py`` does, or with ``--ynn-convs`` jaxlib's default YNNPACK convolutions
+    (for comparison). Subprocesses (train.py, workers) inherit both."""
     parser.add_argument("--ynn-convs", action="store_true",
                         help="keep jaxlib's YNNPACK convolutions on CPU (x2jax's entry points "
                              "switch them off, see x2jax/runtime.py); for comparison")
-
-
-def apply_conv_runtime(args) -> None:
-    """Sets ``XLA_FLAGS`` for ``--ynn-convs`` or x2jax's default; call before importing jax.
-    Subprocesses (train.py, workers) inherit it."""
+    args = parser.parse_args()
+    set_threads(args.threads)
     if args.ynn_convs:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_CONV_FLAG}".strip()
     else:
         sys.path.insert(0, REPO)
         from x2jax.runtime import use_fast_cpu_convolutions
         use_fast_cpu_convolutions()
+    return args
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> list[float]:

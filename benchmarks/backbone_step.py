@@ -173,10 +173,7 @@ def main() -> None:
                         help="build all configs in one process and time them round-robin "
                              "(fair under changing load; peak RSS then not per config)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    _common.add_conv_runtime_arg(parser)
-    args = parser.parse_args()
-    _common.set_threads(args.threads)
-    _common.apply_conv_runtime(args)
+    args = _common.parse_cpu_args(parser)
     if args.worker:
         worker(args)
         return

@@ -42,10 +42,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    _common.add_conv_runtime_arg(parser)
-    args = parser.parse_args()
-    _common.set_threads(args.threads)
-    _common.apply_conv_runtime(args)
+    args = _common.parse_cpu_args(parser)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, _common.REPO)
     import jax

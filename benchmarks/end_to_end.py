@@ -117,10 +117,7 @@ def main() -> None:
     parser.add_argument("--impl", default="xla", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
-    _common.add_conv_runtime_arg(parser)
-    args = parser.parse_args()
-    _common.set_threads(args.threads)
-    _common.apply_conv_runtime(args)
+    args = _common.parse_cpu_args(parser)
     if args.worker:
         worker(args)
         return

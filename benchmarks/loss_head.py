@@ -91,10 +91,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-torch", action="store_true")
-    _common.add_conv_runtime_arg(parser)
-    args = parser.parse_args()
-    _common.set_threads(args.threads)
-    _common.apply_conv_runtime(args)
+    args = _common.parse_cpu_args(parser)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, _common.REPO)
     import jax
