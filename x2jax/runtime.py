@@ -1,10 +1,11 @@
 """XLA runtime flags that x2jax's entry points set before JAX starts its backend.
 
 On XLA:CPU (jaxlib 0.10) convolutions are handed to YNNPACK by default. On the
-IResNet shapes YNNPACK's convolution weight gradient runs at 26-56 GFLOP/s where
-XLA's own (Eigen) convolution runs at 100-200 (forward and input gradient also
-gain up to 1.8x at 56x56): ``benchmarks/conv_grads.py --ynn-compare``,
-docs/benchmarks.md. :func:`use_fast_cpu_convolutions` removes convolutions from
+IResNet shapes at 56 and 112 px YNNPACK's convolution weight gradient runs at 4-54
+GFLOP/s; XLA's own (Eigen) kernels are up to 3.6x faster per layer and 1.26-1.35x
+on whole IResNet-18/50 training steps (``python benchmarks/conv_grads.py`` and
+``benchmarks/backbone_step.py``, each with and without ``--ynn-convs``;
+docs/benchmarks.md). :func:`use_fast_cpu_convolutions` removes convolutions from
 the YNNPACK fusion list and keeps YNNPACK for everything else (elementwise and
 reduction fusions, where it is the faster one)::
 

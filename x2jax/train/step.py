@@ -177,9 +177,9 @@ class AheadOfTimeStep:
         self._batch_types = _types(abstract_batch)
         self._compiled = None
         self.compiled_ahead = False
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="x2jax-compile")
-        self._future = self._pool.submit(lambda: jitted.lower(abstract_state, abstract_batch).compile())
-        self._pool.shutdown(wait=False)
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="x2jax-compile")
+        self._future = pool.submit(lambda: jitted.lower(abstract_state, abstract_batch).compile())
+        pool.shutdown(wait=False)
 
     def __call__(self, state: TrainState, batch: dict[str, jax.Array]):
         if self._future is not None:
