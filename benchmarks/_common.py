@@ -1,6 +1,7 @@
 """Shared helpers of the benchmark scripts: timing, machine description, tables."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -24,7 +25,7 @@ def set_threads(threads: int | None = None) -> int:
 YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
 
 
-def parse_cpu_args(parser) -> "argparse.Namespace":
+def parse_cpu_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Adds ``--ynn-convs``, parses, then (before jax is imported) pins the thread counts
     to ``args.threads`` and sets ``XLA_FLAGS``: x2jax's CPU convolution flag as
     ``train.py`` does, or with ``--ynn-convs`` jaxlib's default YNNPACK convolutions

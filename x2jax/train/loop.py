@@ -26,12 +26,20 @@ from x2jax.parallel.mesh import initialize_distributed, make_mesh, mesh_axis_siz
 from x2jax.parallel.sharding import ShardingRules, host_local_to_global
 from x2jax.train import config as config_lib
 from x2jax.train import inputs
-from x2jax.train.checkpointing import (Checkpointer, PreemptionWatcher, build_model, model_description,
-                                      model_kwargs, read_meta, same_model)
+from x2jax.train.checkpointing import (
+    Checkpointer,
+    PreemptionWatcher,
+    build_model,
+    model_description,
+    model_kwargs,
+    read_meta,
+    same_model,
+)
 from x2jax.train.metrics import MetricWriter, Progress, format_duration
 from x2jax.train.optimizer import make_optimizer, make_schedule
 from x2jax.train.state import make_state_factory
 from x2jax.train.step import AheadOfTimeStep, batch_spec, make_train_step
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradients were NaN/Inf (with ``on_nonfinite='stop'``)."""
