@@ -2,7 +2,7 @@
 
 XLA:CPU computes two convolution gradients of IResNet far below the forward
 rate (``benchmarks/conv_grads.py``, docs/benchmarks.md): the weight gradient
-of 1x1 convs (9-75 GFLOP/s against 100-190 for the forward), and the input
+of 1x1 convs (12-86 GFLOP/s against 101-162 for their forward), and the input
 gradient of strided convs, which it runs as a conv over the zero-dilated
 output gradient (at stride 2, 3 of 4 products are with zeros). :func:`conv2d_im2col`
 keeps XLA's forward and computes, with a ``jax.custom_vjp``:
@@ -59,9 +59,9 @@ def weight_grad_method(x_shape: Sequence[int], kernel_shape: Sequence[int],
                        strides: tuple[int, int]) -> Literal["matmul", "xla"]:
     """Weight-gradient form for a conv of these static shapes ("auto" policy).
 
-    Matmul for 1x1 kernels (XLA:CPU 1.2-3x slower than one matmul there, most on
+    Matmul for 1x1 kernels (XLA:CPU 1.3-2.2x slower than one matmul there, most on
     the strided IResNet shortcuts); XLA's own kernel for the others, where it is
-    1.3-2.4x faster than the im2col matmul once convolutions run on XLA's own
+    1.5-2.9x faster than the im2col matmul once convolutions run on XLA's own
     kernels rather than YNNPACK's (``x2jax.runtime``; ``benchmarks/conv_grads.py``,
     docs/benchmarks.md).
     """
@@ -75,8 +75,8 @@ def input_grad_method(x_shape: Sequence[int], kernel_shape: Sequence[int],
 
     XLA computes it as a conv over the zero-dilated output gradient (3 of 4
     products are with zeros at stride 2); :func:`_input_grad_phases` as one
-    stride-1 conv per output phase. Measured 1.6-2.4x faster for inputs of
-    >= 28 px, 0.84x at 14 px (``benchmarks/conv_grads.py``).
+    stride-1 conv per output phase. Measured 1.3-2.6x faster for inputs of
+    >= 28 px, 0.92x at 14 px (``benchmarks/conv_grads.py``).
     """
     if tuple(strides) == (1, 1) or tuple(kernel_shape[:2]) == (1, 1):
         return "xla"
