@@ -174,17 +174,11 @@ def _bwd(strides, padding, weight_grad, input_grad, residuals, g):
     g = g.astype(x.dtype)
     if weight_grad == "auto":
         weight_grad = weight_grad_method(x.shape, kernel.shape, strides)
-    if kernel.shape[:2] == (1, 1):
-        dx = _input_grad_1x1(g, kernel, x.shape, strides, padding)
-        if weight_grad == "xla":
-            _, vjp_w = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
-            dw = vjp_w(g)[0]
-        else:
-            dw = _weight_grad_matmul(x, g, kernel.shape, strides, padding)
-        return dx, dw.astype(kernel.dtype)
     if input_grad == "auto":
         input_grad = input_grad_method(x.shape, kernel.shape, strides)
-    if input_grad == "phases":
+    if kernel.shape[:2] == (1, 1):
+        dx = _input_grad_1x1(g, kernel, x.shape, strides, padding)
+    elif input_grad == "phases":
         dx = _input_grad_phases(g, kernel, x.shape, strides, padding)
     else:
         _, vjp_x = jax.vjp(lambda a: _conv(a, kernel, strides, padding), x)
