@@ -9,7 +9,10 @@ For every distinct conv of IResNet-50 at 112x112 (batch ``--batch``), times with
   output phase; the same as ``dx`` at stride 1);
 * ``dW xla``: XLA's weight gradient;
 * ``dW matmul``: ``x2jax.models.fast_conv``'s matmul weight gradient (``G^T @ P``);
-* ``fwd im2col``: the forward as one im2col GEMM (for comparison only).
+* ``fwd im2col``: the forward as one im2col GEMM (for comparison only);
+* ``fwd/dx/dW onednn``: ``x2jax.models.onednn_conv``'s three custom calls (oneDNN,
+  the library PyTorch's CPU convolutions use; needs the ``onednn`` extra, else
+  these columns are left out).
 
 and the r50 totals (each shape times its count in the network). GFLOP/s =
 ``2 B H' W' C O KH KW`` / time for each column.
@@ -20,6 +23,7 @@ and the r50 totals (each shape times its count in the network). GFLOP/s =
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -50,12 +54,17 @@ def main() -> None:
     import numpy as np
     from jax import lax
 
-    from x2jax.models import fast_conv
+    from x2jax.models import fast_conv, onednn_conv
 
     dn = ("NHWC", "HWIO", "NHWC")
     print(f"# conv timings, IResNet-50 shapes, batch {args.batch}, median of {args.repeats}")
     print(f"# machine: {_common.machine_line()}", flush=True)
     names = ("fwd", "dx", "dx phases", "dW xla", "dW matmul", "fwd im2col")
+    if onednn_conv.available():
+        names += ("fwd onednn", "dx onednn", "dW onednn")
+        print(f"# oneDNN {onednn_conv.version()}")
+    else:
+        print("# oneDNN columns left out: the extension does not load (pip install -e '.[onednn]')")
     totals = dict.fromkeys(names, 0.0)
     rows = []
     for h, c, o, k, s, count in R50_CONVS:
@@ -84,6 +93,11 @@ def main() -> None:
                 x, g, w.shape, (s, s), pad)),
             "fwd im2col": jax.jit(im2col_fwd),
         }
+        if "fwd onednn" in names:
+            call = functools.partial(onednn_conv._call, strides=(s, s), padding=pad)
+            fns["fwd onednn"] = jax.jit(lambda x, w: call("forward", y.shape, x, w))
+            fns["dx onednn"] = jax.jit(lambda x, w: call("input_grad", x.shape, g, w))
+            fns["dW onednn"] = jax.jit(lambda x, w: call("weight_grad", w.shape, x, g))
         times = _common.time_interleaved(
             {n: (lambda f=f: jax.block_until_ready(f(x, w))) for n, f in fns.items()},
             warmup=1, repeats=args.repeats)

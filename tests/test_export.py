@@ -71,3 +71,27 @@ def test_wrong_input_shape_and_bad_file(tiny_model, tmp_path):
         load_exported(bad)
     with pytest.raises(FileNotFoundError, match="missing.jax"):
         load_exported(tmp_path / "missing.jax")
+
+
+def test_module_with_onednn_convs_exports_with_xla_convs(tiny_model, reference, tmp_path):
+    """conv_impl is a runtime choice: a module running on oneDNN custom calls (which
+    jax.export refuses to serialise) exports with XLA convs, same embeddings."""
+    from x2jax.models import onednn_conv
+
+    if not onednn_conv.available():
+        pytest.skip("oneDNN extension not available (pip install -e '.[onednn]')")
+    module, variables = tiny_model
+    x, want = reference
+    onednn_module = module.clone(conv_impl="onednn")
+    apply_fn = functools.partial(onednn_module.apply, train=False)
+    own = np.asarray(jax.jit(apply_fn)(variables, x))
+    assert "x2jax_onednn_conv_forward" in jax.jit(apply_fn).lower(variables, x).as_text()
+    for bake in (True, False):
+        exported = export_embedding(apply_fn, variables, image_size=16, bake_variables=bake)
+        assert "x2jax_onednn" not in exported.mlir_module()
+        loaded = load_exported(save_exported(tmp_path / f"onednn_{bake}.jax", exported))
+        got = np.asarray(loaded.call(x) if bake else loaded.call(variables, x))
+        np.testing.assert_allclose(got, own, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the caller's module is left as it was
+    assert onednn_module.conv_impl == "onednn"

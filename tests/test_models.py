@@ -145,6 +145,53 @@ def test_batchnorm_matches_torch_rule_float64():
         bn.apply(variables, jnp.ones((1, 5)), use_running_average=False, mutable=["batch_stats"])
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 3, 5), (6, 7)])
+def test_batchnorm_train_gradients_match_float64(shape):
+    """The hand-written backward of ``batch_norm_train`` against float64 autodiff-free
+    finite differences of the numpy forward (and, for the module, without a scale)."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)
+    c = shape[-1]
+    scale = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+
+    def loss64(x, scale, bias):
+        x2 = x.reshape(-1, c)
+        mu, var = x2.mean(0), x2.var(0)
+        return float(np.sum(((x2 - mu) / np.sqrt(var + 1e-5) * scale + bias) * g.reshape(-1, c)))
+
+    def numeric(i, eps=1e-6):
+        args = [a.astype(np.float64) for a in (x, scale, bias)]
+        grad = np.zeros_like(args[i])
+        for idx in np.ndindex(args[i].shape):
+            hi = [a.copy() for a in args]; lo = [a.copy() for a in args]
+            hi[i][idx] += eps
+            lo[i][idx] -= eps
+            grad[idx] = (loss64(*hi) - loss64(*lo)) / (2 * eps)
+        return grad
+
+    def loss(x, scale, bias):
+        y, _, _ = layers.batch_norm_train(x, scale, bias, 1e-5)
+        return jnp.sum(y * g)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+    for i, got in enumerate(grads):
+        np.testing.assert_allclose(np.asarray(got), numeric(i), rtol=2e-3, atol=2e-4)
+    # Statistics outputs: batch mean and biased variance.
+    _, mean, var = layers.batch_norm_train(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), 1e-5)
+    np.testing.assert_allclose(mean, x.reshape(-1, c).astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, x.reshape(-1, c).astype(np.float64).var(0), rtol=1e-5)
+    # Module without scale (use_scale=False): gradient of the input equals scale = 1.
+    bn = layers.BatchNorm(use_scale=False)
+    variables = {"params": {"bias": bias}, "batch_stats": {"mean": np.zeros(c, np.float32),
+                                                         "var": np.ones(c, np.float32)}}
+    dx = jax.grad(lambda x: jnp.sum(bn.apply(variables, x, use_running_average=False,
+                                             mutable=["batch_stats"])[0] * g))(jnp.asarray(x))
+    want = jax.grad(loss)(jnp.asarray(x), jnp.ones(c), jnp.asarray(bias))
+    np.testing.assert_allclose(dx, want, rtol=1e-6, atol=1e-6)
+
+
 def test_prelu_per_channel():
     x = jnp.array([[-2.0, -1.0, 0.0, 3.0]])
     module = layers.PReLU()

@@ -19,8 +19,10 @@ the TF route (jax2tf + tf2onnx) needs TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,15 @@ def export_embedding(
     bake_variables: bool = True,
     platforms: Sequence[str] | None = None,
 ) -> jax_export.Exported:
-    """Lower ``apply_fn(variables, images)`` for images (b, S, S, 3) float32, b symbolic."""
+    """Lower ``apply_fn(variables, images)`` for images (b, S, S, 3) float32, b symbolic.
+
+    When ``apply_fn`` is a module's ``apply`` (or a ``functools.partial`` of it) and
+    the module's ``conv_impl`` is not "xla", the module is exported with
+    ``conv_impl="xla"``: the conv implementation is a runtime choice (same
+    parameters, same function) and the others may be custom calls ("onednn", or
+    "auto" where it picks onednn) that ``jax.export`` cannot serialise.
+    """
+    apply_fn = _with_xla_convs(apply_fn)
     (batch,) = jax_export.symbolic_shape("b")
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     if bake_variables:
@@ -47,6 +57,20 @@ def export_embedding(
         fn = jax.jit(apply_fn)
         args = (jax.tree.map(lambda v: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)), variables), images)
     return jax_export.export(fn, platforms=platforms)(*args)
+
+
+def _with_xla_convs(apply_fn: ApplyFn) -> ApplyFn:
+    """``apply_fn`` with its module cloned to ``conv_impl="xla"`` (unchanged if not a module's apply)."""
+    if isinstance(apply_fn, functools.partial):
+        inner = _with_xla_convs(apply_fn.func)
+        if inner is apply_fn.func:
+            return apply_fn
+        return functools.partial(inner, *apply_fn.args, **apply_fn.keywords)
+    module = getattr(apply_fn, "__self__", None)
+    if (getattr(apply_fn, "__name__", None) != "apply" or not hasattr(module, "clone")
+            or getattr(module, "conv_impl", "xla") == "xla"):
+        return apply_fn
+    return module.clone(conv_impl="xla").apply
 
 
 def save_exported(path: str | os.PathLike, exported: jax_export.Exported) -> str:

@@ -11,13 +11,16 @@ computation runs in the module's ``dtype`` (float32 or bfloat16).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from x2jax.models import onednn_conv
 from x2jax.models.fast_conv import conv2d_im2col
+from x2jax.models.onednn_conv import conv2d_onednn
 
 Padding = int | Sequence[tuple[int, int]]
 ConvFn = Callable[..., jax.Array]
@@ -48,16 +51,30 @@ def _conv2d_xla(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
 
 def _conv2d_auto(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
                  padding: list[tuple[int, int]], groups: int) -> jax.Array:
-    """"im2col" on the CPU backend (XLA:CPU's slow conv gradients avoided), "xla" elsewhere."""
-    fn = conv2d_im2col if jax.default_backend() == "cpu" else _conv2d_xla
+    """The fastest measured implementation for where it runs (docs/benchmarks.md).
+
+    GPU/TPU: "xla". CPU: "onednn" when the conv is one it runs (float32, no
+    groups), the process has a single device (its custom calls have no sharding
+    rule) and the extension loads (the ``onednn`` extra); "im2col" otherwise.
+    """
+    if jax.default_backend() != "cpu":
+        fn = _conv2d_xla
+    elif onednn_conv.supports(x, kernel, padding, groups) and jax.device_count() == 1 \
+            and onednn_conv.available():
+        fn = conv2d_onednn
+    else:
+        fn = conv2d_im2col
     return fn(x, kernel, strides=strides, padding=padding, groups=groups)
 
 
-CONV_IMPLS: dict[str, ConvFn] = {"xla": _conv2d_xla, "im2col": conv2d_im2col, "auto": _conv2d_auto}
+CONV_IMPLS: dict[str, ConvFn] = {"xla": _conv2d_xla, "im2col": conv2d_im2col,
+                                 "onednn": conv2d_onednn, "auto": _conv2d_auto}
 """Registered conv implementations: name -> fn(x, kernel, *, strides, padding, groups).
 
 "im2col": :func:`x2jax.models.fast_conv.conv2d_im2col` (matmul and per-phase gradients, for CPU);
-"auto": "im2col" on the CPU backend, "xla" on GPU/TPU.
+"onednn": :func:`x2jax.models.onednn_conv.conv2d_onednn` (oneDNN custom calls, CPU, needs the
+``onednn`` extra);
+"auto": "xla" on GPU/TPU; on CPU "onednn" where it applies and loads, else "im2col".
 
 Add one with :func:`register_conv_impl`; select it with ``conv_impl=<name>``.
 """
@@ -161,24 +178,71 @@ class BatchNorm(nn.Module):
 
         x32 = x.astype(jnp.float32)
         if use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-            n = x.size // features
-            if n < 2:
-                raise ValueError(f"BatchNorm {self.name}: training needs more than one value "
-                                 f"per channel, got input {x.shape} (as torch)")
-            if not self.is_initializing():
-                unbiased = var * (n / (n - 1))
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-        multiplier = jax.lax.rsqrt(var + self.epsilon)
-        if scale is not None:
-            multiplier = multiplier * scale
-        y = (x32 - mean) * multiplier + bias
+            multiplier = jax.lax.rsqrt(ra_var.value + self.epsilon)
+            if scale is not None:
+                multiplier = multiplier * scale
+            return ((x32 - ra_mean.value) * multiplier + bias).astype(self.dtype)
+        n = x.size // features
+        if n < 2:
+            raise ValueError(f"BatchNorm {self.name}: training needs more than one value "
+                             f"per channel, got input {x.shape} (as torch)")
+        y, mean, var = batch_norm_train(x32, jnp.ones_like(bias) if scale is None else scale,
+                                        bias, self.epsilon)
+        if not self.is_initializing():
+            unbiased = var * (n / (n - 1))
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
         return y.astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm over all axes but the last, with a hand-written backward.
+
+    ``mu = mean(x)``, ``var = mean((x - mu)^2)`` (two-pass, biased),
+    ``xhat = (x - mu) / sqrt(var + eps)``, ``y = xhat * scale + bias``. Backward
+    (``n`` values per channel, sums over all axes but the last)::
+
+        dbias = sum(dy),  dscale = sum(dy * xhat)
+        dx = scale / sqrt(var + eps) * (dy - dbias / n - xhat * dscale / n)
+
+    Two reductions and one elementwise pass, where autodiff of the forward
+    materialises ``x - mu`` and reduces more often. ``mean`` and ``var`` are
+    returned for the running statistics and are not differentiated (their
+    cotangents are ignored). Shapes: x (..., C) float32; scale, bias (C,).
+    """
+    y, mean, var, _ = _bn_forward(x, scale, bias, epsilon)
+    return y, mean, var
+
+
+def _bn_forward(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    inv = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (inv * scale) + bias
+    return y, mean, var, (x, mean, inv, scale)
+
+
+def _bn_fwd(x, scale, bias, epsilon):
+    y, mean, var, residuals = _bn_forward(x, scale, bias, epsilon)
+    return (y, mean, var), residuals
+
+
+def _bn_bwd(epsilon, residuals, cotangents):
+    x, mean, inv, scale = residuals
+    dy = cotangents[0]  # those of mean and var are ignored (running statistics only)
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    xhat = (x - mean) * inv
+    dbias = jnp.sum(dy, axis=axes)
+    dscale = jnp.sum(dy * xhat, axis=axes)
+    dx = (scale * inv) * (dy - dbias / n - xhat * (dscale / n))
+    return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
 class PReLU(nn.Module):

@@ -1,0 +1,246 @@
+// oneDNN convolutions as XLA FFI custom calls (CPU): forward, input gradient
+// and weight gradient of a 2-D float32 convolution, activations NHWC, kernel
+// HWIO, no groups, no dilation.
+//
+// Built on first use by x2jax/models/onednn_conv.py (g++ against the headers
+// jaxlib ships and the oneDNN of the `onednn` extra). Each call looks up (or
+// creates once) the oneDNN primitives for its shapes; the kernel is reordered
+// into the layout oneDNN picks for this CPU ("any") and the weight gradient
+// back into HWIO. Calls are serialised: every primitive already uses all
+// OpenMP threads, and two at once would only oversubscribe the cores.
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+struct Geometry {
+  memory::dims x, w, y;  // logical oneDNN dims: x {N,C,H,W}, w {O,I,KH,KW}, y {N,O,OH,OW}
+  memory::dims strides, pad_l, pad_r;
+
+  std::string key() const {
+    std::ostringstream s;
+    for (const auto* d : {&x, &w, &y, &strides, &pad_l, &pad_r}) {
+      for (auto v : *d) s << v << ',';
+      s << ';';
+    }
+    return s.str();
+  }
+};
+
+struct Primitives {
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_forward fwd;
+  dnnl::reorder fwd_w_reorder;  // HWIO -> fwd_pd.weights_desc()
+  bool fwd_w_plain = false;
+  // Backward ones, created on first use.
+  bool has_bwd_data = false;
+  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
+  dnnl::convolution_backward_data bwd_data;
+  dnnl::reorder bwd_data_w_reorder;
+  bool bwd_data_w_plain = false;
+  bool has_bwd_weights = false;
+  dnnl::convolution_backward_weights::primitive_desc bwd_w_pd;
+  dnnl::convolution_backward_weights bwd_weights;
+  dnnl::reorder bwd_w_reorder;  // bwd_w_pd.diff_weights_desc() -> HWIO
+  bool bwd_w_plain = false;
+};
+
+dnnl::engine& engine() {
+  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  return e;
+}
+
+std::mutex& call_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+memory::desc act_md(const memory::dims& d) { return memory::desc(d, dt::f32, tag::nhwc); }
+memory::desc hwio_md(const memory::dims& d) { return memory::desc(d, dt::f32, tag::hwio); }
+memory::desc any_md(const memory::dims& d) { return memory::desc(d, dt::f32, tag::any); }
+
+Primitives& primitives(const Geometry& g) {
+  static std::unordered_map<std::string, std::unique_ptr<Primitives>> cache;
+  auto& slot = cache[g.key()];
+  if (!slot) {
+    auto p = std::make_unique<Primitives>();
+    p->fwd_pd = dnnl::convolution_forward::primitive_desc(
+        engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+        act_md(g.x), any_md(g.w), act_md(g.y), g.strides, g.pad_l, g.pad_r);
+    p->fwd = dnnl::convolution_forward(p->fwd_pd);
+    p->fwd_w_plain = p->fwd_pd.weights_desc() == hwio_md(g.w);
+    if (!p->fwd_w_plain)
+      p->fwd_w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          engine(), hwio_md(g.w), engine(), p->fwd_pd.weights_desc()));
+    slot = std::move(p);
+  }
+  return *slot;
+}
+
+// x2jax passes NHWC / HWIO buffers; oneDNN's logical dims are NCHW / OIHW.
+Geometry geometry(ffi::Span<const int64_t> x_nhwc, ffi::Span<const int64_t> w_hwio,
+                  ffi::Span<const int64_t> y_nhwc, ffi::Span<const int64_t> strides,
+                  ffi::Span<const int64_t> padding) {
+  Geometry g;
+  g.x = {x_nhwc[0], x_nhwc[3], x_nhwc[1], x_nhwc[2]};
+  g.w = {w_hwio[3], w_hwio[2], w_hwio[0], w_hwio[1]};
+  g.y = {y_nhwc[0], y_nhwc[3], y_nhwc[1], y_nhwc[2]};
+  g.strides = {strides[0], strides[1]};
+  g.pad_l = {padding[0], padding[2]};
+  g.pad_r = {padding[1], padding[3]};
+  return g;
+}
+
+ffi::Error check_attrs(ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  if (strides.size() != 2 || padding.size() != 4)
+    return ffi::Error::InvalidArgument("x2jax onednn conv: strides must have 2 and padding 4 entries");
+  return ffi::Error::Success();
+}
+
+template <typename F>
+ffi::Error guarded(F&& body) {
+  try {
+    std::lock_guard<std::mutex> lock(call_mutex());
+    body();
+    return ffi::Error::Success();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("x2jax onednn conv: oneDNN error: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("x2jax onednn conv: ") + e.what());
+  }
+}
+
+// Kernel as the primitive wants it: the user's HWIO buffer or a reordered copy.
+memory weights_for(dnnl::stream& s, bool plain, dnnl::reorder& r, const memory::desc& want,
+                   const memory::dims& w_dims, float* w) {
+  memory user(hwio_md(w_dims), engine(), w);
+  if (plain) return user;
+  memory m(want, engine());
+  r.execute(s, user, m);
+  return m;
+}
+
+ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> padding) {
+  if (auto e = check_attrs(strides, padding); e.failure()) return e;
+  return guarded([&] {
+    Geometry g = geometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, padding);
+    Primitives& p = primitives(g);
+    dnnl::stream s(engine());
+    memory wm = weights_for(s, p.fwd_w_plain, p.fwd_w_reorder, p.fwd_pd.weights_desc(), g.w,
+                            w.typed_data());
+    memory xm(act_md(g.x), engine(), x.typed_data());
+    memory ym(act_md(g.y), engine(), y->typed_data());
+    p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
+    s.wait();
+  });
+}
+
+ffi::Error ConvInputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
+                         ffi::Span<const int64_t> padding) {
+  if (auto e = check_attrs(strides, padding); e.failure()) return e;
+  return guarded([&] {
+    Geometry g = geometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, padding);
+    Primitives& p = primitives(g);
+    if (!p.has_bwd_data) {
+      p.bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+          engine(), dnnl::algorithm::convolution_direct, act_md(g.x), any_md(g.w), act_md(g.y),
+          g.strides, g.pad_l, g.pad_r, p.fwd_pd);
+      p.bwd_data = dnnl::convolution_backward_data(p.bwd_data_pd);
+      p.bwd_data_w_plain = p.bwd_data_pd.weights_desc() == hwio_md(g.w);
+      if (!p.bwd_data_w_plain)
+        p.bwd_data_w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+            engine(), hwio_md(g.w), engine(), p.bwd_data_pd.weights_desc()));
+      p.has_bwd_data = true;
+    }
+    dnnl::stream s(engine());
+    memory wm = weights_for(s, p.bwd_data_w_plain, p.bwd_data_w_reorder,
+                            p.bwd_data_pd.weights_desc(), g.w, w.typed_data());
+    memory dym(act_md(g.y), engine(), dy.typed_data());
+    memory dxm(act_md(g.x), engine(), dx->typed_data());
+    p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm},
+                           {DNNL_ARG_DIFF_SRC, dxm}});
+    s.wait();
+  });
+}
+
+ffi::Error ConvWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dw, ffi::Span<const int64_t> strides,
+                          ffi::Span<const int64_t> padding) {
+  if (auto e = check_attrs(strides, padding); e.failure()) return e;
+  return guarded([&] {
+    Geometry g = geometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, padding);
+    Primitives& p = primitives(g);
+    if (!p.has_bwd_weights) {
+      p.bwd_w_pd = dnnl::convolution_backward_weights::primitive_desc(
+          engine(), dnnl::algorithm::convolution_direct, act_md(g.x), any_md(g.w), act_md(g.y),
+          g.strides, g.pad_l, g.pad_r, p.fwd_pd);
+      p.bwd_weights = dnnl::convolution_backward_weights(p.bwd_w_pd);
+      p.bwd_w_plain = p.bwd_w_pd.diff_weights_desc() == hwio_md(g.w);
+      if (!p.bwd_w_plain)
+        p.bwd_w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+            engine(), p.bwd_w_pd.diff_weights_desc(), engine(), hwio_md(g.w)));
+      p.has_bwd_weights = true;
+    }
+    dnnl::stream s(engine());
+    memory xm(act_md(g.x), engine(), x.typed_data());
+    memory dym(act_md(g.y), engine(), dy.typed_data());
+    memory user(hwio_md(g.w), engine(), dw->typed_data());
+    memory dwm = p.bwd_w_plain ? user : memory(p.bwd_w_pd.diff_weights_desc(), engine());
+    p.bwd_weights.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
+                              {DNNL_ARG_DIFF_WEIGHTS, dwm}});
+    if (!p.bwd_w_plain) p.bwd_w_reorder.execute(s, dwm, user);
+    s.wait();
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(x2jax_onednn_conv_forward, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(x2jax_onednn_conv_input_grad, ConvInputGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(x2jax_onednn_conv_weight_grad, ConvWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
+
+extern "C" const char* x2jax_onednn_version() {
+  static std::string v = [] {
+    const dnnl_version_t* ver = dnnl_version();
+    std::ostringstream s;
+    s << ver->major << '.' << ver->minor << '.' << ver->patch << " (" << ver->cpu_runtime << ")";
+    return s.str();
+  }();
+  return v.c_str();
+}

@@ -1,0 +1,223 @@
+"""2-D convolutions on oneDNN (the library PyTorch's CPU convolutions use), CPU only.
+
+XLA:CPU's convolution kernels reach 95-145 GFLOP/s on IResNet's 56x56 layers
+where oneDNN reaches the GEMM rate (``benchmarks/conv_grads.py``). This module
+runs a float32 NHWC/HWIO convolution and both of its gradients as XLA FFI
+custom calls into oneDNN::
+
+    y  = conv(x, W)                                  forward
+    dx = conv_transpose(dy, W)                       backward data
+    dW[u, v, c, o] = sum_{b,i,j} x_pad[b, i*s+u, j*s+v, c] dy[b, i, j, o]
+
+The extension (``csrc/onednn_conv.cc``) is compiled with ``g++`` on first use
+against the XLA FFI headers jaxlib ships and oneDNN from the ``onednn`` extra
+(``pip install -e '.[onednn]'``: oneDNN 3.2, GNU OpenMP), cached under
+``$X2JAX_CACHE_DIR`` (default ``~/.cache/x2jax``) and registered with
+``jax.ffi``. :func:`available` says whether that worked, :func:`load` raises
+with the reason.
+
+Limits: float32, ``groups == 1``, non-negative padding, CPU backend; anything
+else goes to :func:`x2jax.models.fast_conv.conv2d_im2col`. The custom calls have
+no sharding rule: under a multi-device mesh XLA gathers their operands to every
+device, so use this on single-device CPU processes (``conv_impl="auto"`` only
+picks it there).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from x2jax.models.fast_conv import conv2d_im2col
+
+Array = jax.Array
+
+SOURCE = Path(__file__).with_name("csrc") / "onednn_conv.cc"
+TARGETS = {
+    "forward": "x2jax_onednn_conv_forward",
+    "input_grad": "x2jax_onednn_conv_input_grad",
+    "weight_grad": "x2jax_onednn_conv_weight_grad",
+}
+
+__all__ = ["available", "conv2d_onednn", "load", "supports", "version"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _prefixes() -> list[Path]:
+    """Where oneDNN's ``include/`` and ``lib/`` may live: $DNNLROOT, then the Python prefixes."""
+    roots = [os.environ.get("X2JAX_DNNL_ROOT"), os.environ.get("DNNLROOT"), sys.prefix,
+             sys.base_prefix, sysconfig.get_config_var("prefix"), "/usr/local", "/usr"]
+    seen: list[Path] = []
+    for r in roots:
+        if r and Path(r) not in seen:
+            seen.append(Path(r))
+    return seen
+
+
+def _find_onednn() -> tuple[Path, Path]:
+    for root in _prefixes():
+        header = root / "include" / "oneapi" / "dnnl" / "dnnl.hpp"
+        for libdir in (root / "lib", root / "lib64", root / "lib" / "x86_64-linux-gnu"):
+            if header.is_file() and (libdir / "libdnnl.so").exists():
+                return root / "include", libdir
+    raise RuntimeError(
+        "x2jax onednn conv: oneDNN headers and libdnnl.so not found under "
+        f"{[str(p) for p in _prefixes()]}; install the extra with "
+        "pip install -e '.[onednn]' (or set X2JAX_DNNL_ROOT to a oneDNN install)")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("X2JAX_CACHE_DIR", Path.home() / ".cache" / "x2jax")) / "ext"
+
+
+def _build() -> Path:
+    """Compiles the extension unless a build of this source, jaxlib and oneDNN is cached."""
+    include, libdir = _find_onednn()
+    ffi_include = Path(jax.ffi.include_dir())
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"x2jax onednn conv: C++ compiler {compiler!r} not found "
+                           "(set CXX or install g++)")
+    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w", "-I", str(ffi_include), "-I",
+             str(include), "-L", str(libdir), "-ldnnl", f"-Wl,-rpath,{libdir}"]
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jax.__version__.encode(), " ".join(flags).encode(),
+                 str(shutil.which(compiler)).encode(), str(libdir.resolve()).encode(),
+                 (include / "oneapi" / "dnnl" / "dnnl_version.h").read_bytes()):
+        digest.update(part)
+    out = _cache_dir() / f"x2jax_onednn_conv_{digest.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, str(SOURCE), *flags, "-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        os.unlink(tmp)
+        raise RuntimeError(f"x2jax onednn conv: building {SOURCE} failed:\n{' '.join(cmd)}\n"
+                           f"{proc.stderr[-4000:]}")
+    os.replace(tmp, out)  # atomic: concurrent processes never load a half-written file
+    return out
+
+
+def load() -> ctypes.CDLL:
+    """Builds (once, cached) and registers the custom calls; raises with the reason if it can't."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        if "error" in _state:
+            raise RuntimeError(_state["error"])
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            for target in TARGETS.values():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
+                                            platform="cpu")
+            lib.x2jax_onednn_version.restype = ctypes.c_char_p
+        except (RuntimeError, OSError, AttributeError) as e:
+            _state["error"] = str(e)
+            raise RuntimeError(str(e)) from e
+        _state["lib"] = lib
+        return lib
+
+
+def available() -> bool:
+    """True when the extension builds and loads here (the result is cached)."""
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def version() -> str:
+    """oneDNN version and CPU runtime of the loaded extension, e.g. ``"3.2.0 (2)"``."""
+    return load().x2jax_onednn_version().decode()
+
+
+def supports(x: Array, kernel: Array, padding: Sequence[tuple[int, int]], groups: int) -> bool:
+    """Whether :func:`conv2d_onednn` runs this conv on oneDNN (else it falls back)."""
+    return (groups == 1 and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and all(p >= 0 for pair in padding for p in pair))
+
+
+def _out_shape(x_shape, k_shape, strides, padding):
+    b, h, w, _ = x_shape
+    kh, kw, _, o = k_shape
+    (pt, pb), (pl, pr) = padding
+    return (b, (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1, o)
+
+
+def _attrs(strides, padding):
+    (pt, pb), (pl, pr) = padding
+    return {"strides": np.asarray(strides, np.int64),
+            "padding": np.asarray([pt, pb, pl, pr], np.int64)}
+
+
+def _call(name: str, out_shape, *args, strides, padding) -> Array:
+    load()
+    out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
+    return jax.ffi.ffi_call(TARGETS[name], out, vmap_method="sequential")(
+        *args, **_attrs(strides, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: Array, kernel: Array, strides: tuple[int, int],
+          padding: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+    return _call("forward", _out_shape(x.shape, kernel.shape, strides, padding), x, kernel,
+                 strides=strides, padding=padding)
+
+
+def _fwd(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    g = g.astype(jnp.float32)
+    dx = _call("input_grad", x.shape, g, kernel, strides=strides, padding=padding)
+    dw = _call("weight_grad", kernel.shape, x, g, strides=strides, padding=padding)
+    return dx, dw
+
+
+_conv.defvjp(_fwd, _bwd)
+
+
+def conv2d_onednn(x: Array, kernel: Array, *, strides: tuple[int, int],
+                  padding: Sequence[tuple[int, int]], groups: int = 1) -> Array:
+    """``lax.conv_general_dilated`` (NHWC, HWIO) with forward and gradients on oneDNN.
+
+    Signature of ``x2jax.models.layers`` conv impls. Shapes: x (B, H, W, C),
+    kernel (KH, KW, C, O) -> (B, H', W', O), H' = (H + top + bottom - KH) // sh + 1.
+    Convs outside :func:`supports` go to ``conv2d_im2col``. Raises RuntimeError
+    when the extension cannot be built or loaded (:func:`available`).
+    """
+    strides = (int(strides[0]), int(strides[1]))
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if len(pads) != 2:
+        raise ValueError(f"conv2d_onednn: padding must be two (low, high) pairs, got {padding!r}")
+    if not supports(x, kernel, pads, groups):
+        return conv2d_im2col(x, kernel, strides=strides, padding=pads, groups=groups)
+    if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
+        raise ValueError(f"conv2d_onednn: x (B, H, W, C) and kernel (KH, KW, C, O) expected, "
+                         f"got x {x.shape} and kernel {kernel.shape}")
+    if any(d <= 0 for d in _out_shape(x.shape, kernel.shape, strides, pads)[1:3]):
+        raise ValueError(f"conv2d_onednn: kernel {kernel.shape[:2]} larger than the padded "
+                         f"input {x.shape[1:3]} + {pads}")
+    return _conv(x, kernel, strides, pads)  # type: ignore[arg-type]
