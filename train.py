@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from x2jax.runtime import use_fast_cpu_convolutions
+    from x2jax.runtime import use_fast_cpu_flags
 
-    use_fast_cpu_convolutions()  # before JAX starts: XLA_FLAGS is read once
+    use_fast_cpu_flags()  # before JAX starts: XLA_FLAGS is read once
     sys.exit(main())

@@ -23,24 +23,30 @@ def set_threads(threads: int | None = None) -> int:
 
 
 YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
+XLA_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
 
 
 def parse_cpu_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Adds ``--ynn-convs``, parses, then (before jax is imported) pins the thread counts
-    to ``args.threads`` and sets ``XLA_FLAGS``: x2jax's CPU convolution flag as
-    ``train.py`` does, or with ``--ynn-convs`` jaxlib's default YNNPACK convolutions
-    (for comparison). Subprocesses (train.py, workers) inherit both."""
+    """Adds ``--ynn-convs`` and ``--xla-scheduler``, parses, then (before jax is
+    imported) pins the thread counts to ``args.threads`` and sets ``XLA_FLAGS`` as
+    ``train.py`` does (``x2jax.runtime.use_fast_cpu_flags``), except for what the
+    options keep at jaxlib's default, for comparison: ``--ynn-convs`` YNNPACK
+    convolutions, ``--xla-scheduler`` the concurrency-optimised schedule.
+    Subprocesses (train.py, workers) inherit both."""
     parser.add_argument("--ynn-convs", action="store_true",
                         help="keep jaxlib's YNNPACK convolutions on CPU (x2jax's entry points "
                              "switch them off, see x2jax/runtime.py); for comparison")
+    parser.add_argument("--xla-scheduler", action="store_true",
+                        help="keep XLA:CPU's concurrency-optimised schedule (x2jax's entry "
+                             "points pick the memory-minimising one); for comparison")
     args = parser.parse_args()
     set_threads(args.threads)
-    if args.ynn_convs:
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_CONV_FLAG}".strip()
-    else:
-        sys.path.insert(0, REPO)
-        from x2jax.runtime import use_fast_cpu_convolutions
-        use_fast_cpu_convolutions()
+    keep = [YNN_CONV_FLAG] if args.ynn_convs else []
+    keep += [XLA_SCHEDULER_FLAG] if args.xla_scheduler else []
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *keep]).strip()
+    sys.path.insert(0, REPO)
+    from x2jax.runtime import use_fast_cpu_flags
+    use_fast_cpu_flags()  # the flags not set above
     return args
 
 

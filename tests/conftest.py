@@ -6,9 +6,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from x2jax.runtime import use_fast_cpu_convolutions  # noqa: E402
+from x2jax.runtime import use_fast_cpu_flags  # noqa: E402
 
-use_fast_cpu_convolutions()  # as train.py / eval.py do
+use_fast_cpu_flags()  # as train.py / eval.py do
 
 import jax  # noqa: E402
 
