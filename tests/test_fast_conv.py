@@ -26,7 +26,7 @@ CASES = [
 ]
 
 
-def _inputs(case, dtype, seed=0):
+def _inputs(case, dtype=jnp.float32, seed=0):
     b, h, w, c, o, k, s, pad = case
     kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(kx, (b, h, w, c), jnp.float32).astype(dtype)

@@ -1,9 +1,11 @@
 """2-D convolutions on oneDNN (the library PyTorch's CPU convolutions use), CPU only.
 
-XLA:CPU's convolution kernels reach 95-145 GFLOP/s on IResNet's 56x56 layers
-where oneDNN reaches the GEMM rate (``benchmarks/conv_grads.py``). This module
-runs a float32 NHWC/HWIO convolution and both of its gradients as XLA FFI
-custom calls into oneDNN::
+On IResNet-50's convolutions at batch 32, oneDNN's input and weight gradients
+are 1.40x and 1.27x faster than XLA:CPU's (``benchmarks/conv_grads.py``), and
+with them an IResNet-50 training step runs at 1.03x PyTorch's images/s on a
+2-core CPU (``benchmarks/backbone_step.py``; docs/benchmarks.md, third pass).
+This module runs a float32 NHWC/HWIO convolution and both of its gradients as
+XLA FFI custom calls into oneDNN::
 
     y  = conv(x, W)                                  forward
     dx = conv_transpose(dy, W)                       backward data
@@ -16,8 +18,8 @@ against the XLA FFI headers jaxlib ships and oneDNN from the ``onednn`` extra
 ``jax.ffi``. :func:`available` says whether that worked, :func:`load` raises
 with the reason.
 
-Limits: float32, ``groups == 1``, non-negative padding, CPU backend; anything
-else goes to :func:`x2jax.models.fast_conv.conv2d_im2col`. The custom calls have
+Limits: float32, ``groups == 1``, non-negative padding; anything else goes to
+:func:`x2jax.models.fast_conv.conv2d_im2col` (on GPU/TPU backends: to XLA's conv). The custom calls have
 no sharding rule: under a multi-device mesh XLA gathers their operands to every
 device, so use this on single-device CPU processes (``conv_impl="auto"`` only
 picks it there).
@@ -212,6 +214,10 @@ def conv2d_onednn(x: Array, kernel: Array, *, strides: tuple[int, int],
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if len(pads) != 2:
         raise ValueError(f"conv2d_onednn: padding must be two (low, high) pairs, got {padding!r}")
+    if jax.default_backend() != "cpu":  # oneDNN's targets are registered for the CPU only
+        return jax.lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=groups)
     if not supports(x, kernel, pads, groups):
         return conv2d_im2col(x, kernel, strides=strides, padding=pads, groups=groups)
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:

@@ -211,29 +211,18 @@ ffi::Error ConvWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(x2jax_onednn_conv_forward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
+// All three take two float32 buffers, return one and read the same attributes.
+#define X2JAX_CONV_BINDING                          \
+  ffi::Ffi::Bind()                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                 \
+      .Ret<ffi::Buffer<ffi::F32>>()                 \
+      .Attr<ffi::Span<const int64_t>>("strides")    \
+      .Attr<ffi::Span<const int64_t>>("padding")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(x2jax_onednn_conv_input_grad, ConvInputGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(x2jax_onednn_conv_weight_grad, ConvWeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(x2jax_onednn_conv_forward, ConvForward, X2JAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(x2jax_onednn_conv_input_grad, ConvInputGrad, X2JAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(x2jax_onednn_conv_weight_grad, ConvWeightGrad, X2JAX_CONV_BINDING);
 
 extern "C" const char* x2jax_onednn_version() {
   static std::string v = [] {
