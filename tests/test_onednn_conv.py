@@ -17,11 +17,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from x2jax.models import layers, onednn_conv, registry
-
 # Shapes (batch, H, W, C, O, kernel, stride, padding), inputs and the float64 reference
 # are those of the fast_conv tests.
-from test_fast_conv import CASES, _inputs, _numpy_reference  # noqa: E402  (tests/ on sys.path)
+from test_fast_conv import CASES, _inputs, _numpy_reference
+
+from x2jax.models import layers, onednn_conv, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 DN = ("NHWC", "HWIO", "NHWC")
