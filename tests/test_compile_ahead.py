@@ -58,3 +58,41 @@ def test_a_compile_error_surfaces_at_the_first_call():
     step = AheadOfTimeStep(jax.jit(bad), abstract_state, batch_spec(8, 4))
     with pytest.raises(TypeError):
         step(state, batch)
+
+
+def test_warm_up_runs_the_compiled_step_once_on_zeros_before_the_first_call():
+    """With ``warm_up`` the background thread executes the compiled program once, on zeros
+    of the step's shapes and shardings (a host callback counts executions and records
+    what it saw); the first real call then gives the same result as without."""
+    seen = []
+
+    def record(w, n):
+        seen.append((np.asarray(w).copy(), int(n)))
+
+    def step_with_callback(state, batch):
+        jax.debug.callback(record, state["w"], state["n"])
+        return _step(state, batch)
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    jitted = jax.jit(step_with_callback, donate_argnums=0,
+                     in_shardings=({"w": replicated, "n": replicated},
+                                   {"image": by_batch, "label": by_batch}))
+    state, batch = _inputs(8)
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    step = AheadOfTimeStep(jitted, abstract_state, batch_spec(8, 4), warm_up=True)
+    step._future.result()  # compile and warm-up done
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0][0], np.zeros(3, np.float32))
+    assert seen[0][1] == 0
+
+    expected_state, _ = _step(*_inputs(8))
+    new_state, _ = step(state, batch)
+    assert step.compiled_ahead and len(seen) == 2
+    np.testing.assert_array_equal(new_state["w"], expected_state["w"])
+    assert int(new_state["n"]) == 8
+
+    cold = AheadOfTimeStep(jitted, abstract_state, batch_spec(8, 4))  # default: no warm-up
+    cold._future.result()
+    assert len(seen) == 2

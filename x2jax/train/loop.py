@@ -168,7 +168,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     # Compiles (or loads from the persistent cache) in a background thread while the
     # loader starts, the state is created or restored and the step-0 evaluation runs.
-    train_step = AheadOfTimeStep(train_step, abstract_state, batch_spec(config.data.batch_size, image_size))
+    # On CPU it also runs the step once on zeros (first-execution setup off the first step).
+    train_step = AheadOfTimeStep(train_step, abstract_state, batch_spec(config.data.batch_size, image_size),
+                                 warm_up=jax.default_backend() == "cpu" and jax.process_count() == 1)
     iterator = train_data.make_iterator(
         batch_size=per_process_batch, shard_index=jax.process_index(), shard_count=jax.process_count()
     )

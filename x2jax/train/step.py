@@ -167,18 +167,33 @@ class AheadOfTimeStep:
     load from the persistent compilation cache) starts at construction, so the
     rest of the startup (data loader, checkpoint restore, the step-0 evaluation)
     runs while it compiles; the first call waits only for what is left of it.
+    With ``warm_up`` the thread then also runs the compiled step once on zeros of
+    the same shapes and shardings (donated and discarded): XLA:CPU sets up its
+    YNNPACK fusions and x2jax's oneDNN convolutions create their primitives on a
+    program's first execution, which would otherwise land in the first real step.
+    It costs one step's compute and a second copy of the state while it runs; the
+    training loop turns it on for single-process CPU runs only (in a multi-process
+    run its collectives would interleave with the main thread's).
     Calls with a batch of other shapes or dtypes than ``abstract_batch`` use
     ``jitted`` itself (it compiles for them); ``compiled_ahead`` tells which ran.
-    A compile error is raised by the first call.
+    A compile (or warm-up) error is raised by the first call.
     """
 
-    def __init__(self, jitted: Callable, abstract_state: Any, abstract_batch: Any):
+    def __init__(self, jitted: Callable, abstract_state: Any, abstract_batch: Any, *,
+                 warm_up: bool = False):
         self._jitted = jitted
         self._batch_types = _types(abstract_batch)
         self._compiled = None
         self.compiled_ahead = False
+
+        def compile_and_warm_up():
+            compiled = jitted.lower(abstract_state, abstract_batch).compile()
+            if warm_up:
+                _run_on_zeros(compiled, (abstract_state, abstract_batch))
+            return compiled
+
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="x2jax-compile")
-        self._future = pool.submit(lambda: jitted.lower(abstract_state, abstract_batch).compile())
+        self._future = pool.submit(compile_and_warm_up)
         pool.shutdown(wait=False)
 
     def __call__(self, state: TrainState, batch: dict[str, jax.Array]):
@@ -189,6 +204,14 @@ class AheadOfTimeStep:
             return self._compiled(state, batch)
         self.compiled_ahead = False
         return self._jitted(state, batch)
+
+
+def _run_on_zeros(compiled: Any, abstract_args: tuple) -> None:
+    """Executes ``compiled`` once on zeros shaped and sharded as its inputs; discards the result."""
+    shardings = compiled.input_shardings[0]
+    zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_args),
+                    out_shardings=tuple(shardings))()
+    jax.block_until_ready(compiled(*zeros))
 
 
 def _types(tree: Any) -> Any:
