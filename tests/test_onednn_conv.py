@@ -30,16 +30,8 @@ FORWARD, INPUT_GRAD, WEIGHT_GRAD = (onednn_conv.TARGETS[k]
 
 
 
-def _onednn_installed() -> bool:
-    try:
-        onednn_conv._find_onednn()
-    except RuntimeError:
-        return False
-    return True
-
-
 # Skipped only where the extra is not installed; with it, a failing build fails the tests.
-pytestmark = pytest.mark.skipif(not _onednn_installed(),
+pytestmark = pytest.mark.skipif(not onednn_conv._installed(),
                                 reason="oneDNN not installed (pip install -e '.[onednn]')")
 
 def _value_and_grads(fn, x, kernel, g):
@@ -267,7 +259,22 @@ def test_missing_onednn_names_the_extra(monkeypatch, tmp_path):
     np.testing.assert_allclose(y, ref, rtol=1e-6)
 
 
+def test_installed_but_unbuildable_warns_once(monkeypatch, tmp_path):
+    """oneDNN present, no compiler: available() is False and says why, once (auto then
+    falls back to slower convolutions, which must not pass unnoticed)."""
+    monkeypatch.setattr(onednn_conv, "_state", {})
+    monkeypatch.setenv("X2JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-x2jax")
+    with pytest.warns(RuntimeWarning, match="no-such-compiler-x2jax"):
+        assert onednn_conv.available() is False
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert onednn_conv.available() is False  # cached, no second warning
+
+
 def test_build_failure_and_missing_compiler_raise(monkeypatch, tmp_path):
+    onednn_conv.load()  # the real extension, loaded before the failing builds below
     bad = tmp_path / "bad.cc"
     bad.write_text("int broken( {\n")
     monkeypatch.setattr(onednn_conv, "SOURCE", bad)

@@ -37,6 +37,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -140,9 +141,25 @@ def load() -> ctypes.CDLL:
 
 
 def available() -> bool:
-    """True when the extension builds and loads here (the result is cached)."""
+    """True when the extension builds and loads here (the result is cached).
+
+    Warns once when oneDNN is installed but the extension cannot be built or loaded
+    (no compiler, say): ``conv_impl="auto"`` then silently runs slower convolutions.
+    """
     try:
         load()
+    except RuntimeError as e:
+        if not _state.get("warned") and _installed():
+            _state["warned"] = True
+            warnings.warn(f"x2jax: oneDNN is installed but its convolutions are unavailable, "
+                          f"conv_impl='auto' uses XLA's: {e}", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def _installed() -> bool:
+    try:
+        _find_onednn()
     except RuntimeError:
         return False
     return True
