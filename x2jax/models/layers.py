@@ -20,7 +20,6 @@ from flax import linen as nn
 
 from x2jax.models import onednn_conv
 from x2jax.models.fast_conv import conv2d_im2col
-from x2jax.models.onednn_conv import conv2d_onednn
 
 Padding = int | Sequence[tuple[int, int]]
 ConvFn = Callable[..., jax.Array]
@@ -61,14 +60,14 @@ def _conv2d_auto(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
         fn = _conv2d_xla
     elif onednn_conv.supports(x, kernel, padding, groups) and jax.device_count() == 1 \
             and onednn_conv.available():
-        fn = conv2d_onednn
+        fn = onednn_conv.conv2d_onednn
     else:
         fn = conv2d_im2col
     return fn(x, kernel, strides=strides, padding=padding, groups=groups)
 
 
 CONV_IMPLS: dict[str, ConvFn] = {"xla": _conv2d_xla, "im2col": conv2d_im2col,
-                                 "onednn": conv2d_onednn, "auto": _conv2d_auto}
+                                 "onednn": onednn_conv.conv2d_onednn, "auto": _conv2d_auto}
 """Registered conv implementations: name -> fn(x, kernel, *, strides, padding, groups).
 
 "im2col": :func:`x2jax.models.fast_conv.conv2d_im2col` (matmul and per-phase gradients, for CPU);
@@ -177,17 +176,15 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
 
         x32 = x.astype(jnp.float32)
+        scale = jnp.ones_like(bias) if scale is None else scale
         if use_running_average:
-            multiplier = jax.lax.rsqrt(ra_var.value + self.epsilon)
-            if scale is not None:
-                multiplier = multiplier * scale
-            return ((x32 - ra_mean.value) * multiplier + bias).astype(self.dtype)
+            y, _ = _normalize(x32, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
+            return y.astype(self.dtype)
         n = x.size // features
         if n < 2:
             raise ValueError(f"BatchNorm {self.name}: training needs more than one value "
                              f"per channel, got input {x.shape} (as torch)")
-        y, mean, var = batch_norm_train(x32, jnp.ones_like(bias) if scale is None else scale,
-                                        bias, self.epsilon)
+        y, mean, var = batch_norm_train(x32, scale, bias, self.epsilon)
         if not self.is_initializing():
             unbiased = var * (n / (n - 1))
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
@@ -220,9 +217,14 @@ def _bn_forward(x, scale, bias, epsilon):
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axis=axes)
     var = jnp.mean(jnp.square(x - mean), axis=axes)
-    inv = jax.lax.rsqrt(var + epsilon)
-    y = (x - mean) * (inv * scale) + bias
+    y, inv = _normalize(x, mean, var, scale, bias, epsilon)
     return y, mean, var, (x, mean, inv, scale)
+
+
+def _normalize(x, mean, var, scale, bias, epsilon):
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` and ``1 / sqrt(var + eps)``."""
+    inv = jax.lax.rsqrt(var + epsilon)
+    return (x - mean) * (inv * scale) + bias, inv
 
 
 def _bn_fwd(x, scale, bias, epsilon):
