@@ -34,11 +34,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from x2jax.train import config as config_lib
-    from x2jax.train.loop import train
+    from x2jax.train.loop import USER_ERRORS, train
 
-    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-    workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
-    train(config, workdir)
+    try:
+        config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+        workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
+        train(config, workdir)
+    except USER_ERRORS as e:  # what the user can fix: one message, no traceback
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

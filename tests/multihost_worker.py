@@ -1,6 +1,7 @@
 """One process of the two-process head test (spawned by tests/test_multihost.py).
 
 Usage: python multihost_worker.py PORT PROCESS_ID NUM_PROCESSES OUT.npz
+       python multihost_worker.py PORT PROCESS_ID NUM_PROCESSES --loop INIT_TIMEOUT_S HEARTBEAT_S
 
 Each process has 4 CPU devices; together they form the same 8-device mesh as
 the single-process reference. Every process feeds only its half of the global
@@ -55,11 +56,43 @@ def run_step(mesh, e_local, w_full, y_local, sample_rate=1.0):
     return out.loss, out.weight, e_new
 
 
+def collective_loop(port, pid, nproc, init_timeout_s, heartbeat_s):
+    """A cross-process sum every 50 ms, forever; prints ``step N`` every 10 steps."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from x2jax.parallel import initialize_distributed, make_mesh
+
+    assert initialize_distributed(f"127.0.0.1:{port}", nproc, pid,
+                                  initialization_timeout_s=init_timeout_s,
+                                  heartbeat_timeout_s=heartbeat_s)
+    mesh = make_mesh()
+    x = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P("data")), np.ones((jax.local_device_count(),), np.float32))
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
+    step = 0
+    while True:
+        assert float(total(x)) == jax.device_count()
+        step += 1
+        if step % 10 == 0:
+            print(f"step {step}", flush=True)
+        time.sleep(0.05)
+
+
 def main(argv):
-    port, pid, nproc, out_path = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    port, pid, nproc = int(argv[1]), int(argv[2]), int(argv[3])
+    loop = argv[4] == "--loop"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={1 if loop else 4}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    if loop:
+        return collective_loop(port, pid, nproc, int(argv[5]), int(argv[6]))
+    out_path = argv[4]
     import jax
     import numpy as np
     from jax.experimental import multihost_utils

@@ -270,3 +270,44 @@ def test_reader_pickles_and_reopens(tmp_path):
     r = MXIndexedRecordIO(idx, rec, "r")
     r2 = pickle.loads(pickle.dumps(r))
     assert r2.read_idx(1) == MAGIC + b"y" and r2.read_idx(0) == b"x" * 5
+
+
+def test_garbage_length_is_bounded_by_the_file_size(tmp_path):
+    """A length field of 2**29 - 1 fails as past the end of the file, without a 512 MiB read."""
+    import tracemalloc
+
+    idx, rec = write_records(tmp_path, [b"a" * 40, b"b" * 40])
+    data = bytearray(rec.read_bytes())
+    data[52:56] = struct.pack("<I", (1 << 29) - 1)  # the second record's lrecord (records are 48 bytes)
+    rec.write_bytes(bytes(data))
+    r = MXIndexedRecordIO(idx, rec, "r")
+    tracemalloc.start()
+    try:
+        with pytest.raises(RecordIOError) as e:
+            r.read_idx(1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert str(rec) in str(e.value) and "truncated record payload at byte offset 56" in str(e.value)
+    assert f"needed {(1 << 29)} bytes, the file ends after 40 (file size 96)" in str(e.value)
+    assert e.value.offset == 56 and e.value.reason.startswith("truncated record payload")
+
+
+def test_unaligned_offset_and_errors_pickle_with_their_fields(tmp_path):
+    import pickle
+
+    idx, rec = write_records(tmp_path, [b"a" * 8, b"b" * 8])
+    idx.write_text("0\t0\n1\t18\n")  # inside record 1 (which starts at 16)
+    r = MXIndexedRecordIO(idx, rec, "r")
+    with pytest.raises(RecordIOError, match="byte offset 18 is not 4-byte aligned") as e:
+        r.read_idx(1)
+    # Worker processes send errors pickled: reason and offset survive.
+    back = pickle.loads(pickle.dumps(e.value))
+    assert type(back) is RecordIOError and str(back) == str(e.value)
+    assert (back.reason, back.offset) == (e.value.reason, 18) and str(rec) not in back.reason
+
+
+def test_undecodable_bytes_message_shows_the_first_bytes():
+    with pytest.raises(ValueError, match=r"cannot decode image \(7 bytes\): .*first bytes 67617262616765\)"):
+        recordio.decode_image(b"garbage")

@@ -101,6 +101,19 @@ def test_insightface_rec_builder_keeps_bytes_and_labels(tmp_path):
     assert sorted(int(train.source[i]["label"]) for i in range(30)) == sorted(info.labels)
 
 
+def test_insightface_rec_builder_refuses_an_empty_rec(tmp_path):
+    rec_dir = tmp_path / "manual" / "custom"
+    rec_dir.mkdir(parents=True)
+    w = recordio.MXIndexedRecordIO(rec_dir / "train.idx", rec_dir / "train.rec", "w")
+    w.write_idx(0, recordio.pack(recordio.IRHeader(0, [1, 1], 0, 0), b""))  # record 0 only
+    w.close()
+    (rec_dir / "property").write_text("0,16,16\n")
+    with pytest.raises(sources.EmptyDatasetError, match=r"custom/train\.rec: the dataset is empty"):
+        xd.get_train_source(
+            "tfds:insightface_rec/custom", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "manual"
+        )
+
+
 def test_face_image_folder_builder(tmp_path):
     rng = np.random.default_rng(3)
     for name in ("b", "a"):

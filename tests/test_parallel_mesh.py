@@ -1,6 +1,9 @@
 """Mesh, sharding rules, optimizer-state shardings, host-local batches, distributed init."""
 from __future__ import annotations
 
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,12 +15,14 @@ from jax.sharding import PartitionSpec as P
 
 from x2jax.parallel import (
     DEFAULT_RULES,
+    PeerTimeoutError,
     ShardingRules,
     batch_sharding,
     class_centers_sharding,
     fsdp_spec,
     host_local_to_global,
     initialize_distributed,
+    initialize_distributed_from_config,
     make_mesh,
     make_mesh_from_config,
     num_class_shards,
@@ -112,3 +117,93 @@ def test_initialize_distributed_single_process_is_noop_and_bad_settings_raise(mo
         initialize_distributed()
     with pytest.raises(ValueError, match=r"process_id=2 outside \[0, 2\)"):
         initialize_distributed(process_id=2)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "30"])
+def test_initialize_distributed_rejects_bad_timeouts(bad):
+    with pytest.raises(ValueError, match=rf"initialization_timeout_s={bad!r} must be a whole number"):
+        initialize_distributed("127.0.0.1:1234", 2, 0, initialization_timeout_s=bad)
+    with pytest.raises(ValueError, match=rf"heartbeat_timeout_s={bad!r} must be a whole number"):
+        initialize_distributed("127.0.0.1:1234", 2, 0, heartbeat_timeout_s=bad)
+
+
+@pytest.fixture
+def fast_reports(monkeypatch):
+    """Progress lines every 0.1 s instead of 5 s / 10 s."""
+    monkeypatch.setattr(mesh_lib, "_FIRST_REPORT_S", 0.1)
+    monkeypatch.setattr(mesh_lib, "_REPORT_EVERY_S", 0.1)
+    monkeypatch.setattr(mesh_lib, "_EXIT_REPORT_S", 0.05)
+    monkeypatch.setattr(mesh_lib, "_EXIT_REPORT_EVERY_S", 0.1)
+
+
+def test_initialize_distributed_passes_timeouts_and_reports_waiting(monkeypatch, capsys, fast_reports):
+    calls = []
+
+    def slow_initialize(**kwargs):
+        calls.append(kwargs)
+        time.sleep(0.45)
+
+    monkeypatch.setattr(jax.distributed, "initialize", slow_initialize)
+    assert initialize_distributed("10.0.0.1:1234", 4, 2, initialization_timeout_s=5,
+                                  heartbeat_timeout_s=7) is True
+    assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2,
+                          initialization_timeout=5, heartbeat_timeout_seconds=7)]
+    err = capsys.readouterr().err
+    waiting = [line for line in err.splitlines() if "waiting for the other 3 process(es)" in line]
+    assert len(waiting) >= 2, err
+    assert waiting[0].startswith("x2jax: process 2 of 4 waiting for the other 3 process(es) at "
+                                 "10.0.0.1:1234 (0 s of 5 s, --config.distributed.initialization_timeout_s)")
+    assert "process 2 of 4: all processes joined at 10.0.0.1:1234" in err
+    assert "timed out" not in err
+
+    calls.clear()
+    assert initialize_distributed_from_config(
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2,
+         "initialization_timeout_s": 11, "heartbeat_timeout_s": 12}) is True
+    assert calls[0]["initialization_timeout"] == 11 and calls[0]["heartbeat_timeout_seconds"] == 12
+
+
+def test_initialize_distributed_timeout_names_address_process_and_key(monkeypatch, capsys, fast_reports):
+    def timed_out(**kwargs):
+        time.sleep(1.2)  # past initialization_timeout_s=1: the watchdog speaks first
+        raise RuntimeError("DEADLINE_EXCEEDED: Deadline Exceeded\nRPC: RegisterTask")
+
+    monkeypatch.setattr(jax.distributed, "initialize", timed_out)
+    with pytest.raises(PeerTimeoutError) as info:
+        initialize_distributed("10.0.0.1:1234", 4, 2, initialization_timeout_s=1)
+    msg = str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    assert "RegisterTask" in str(info.value.__cause__)  # the original is chained
+    for part in ("process 2 of 4", "the other 3 process(es) at 10.0.0.1:1234",
+                 "initialization_timeout_s=1 s", "all 4 processes",
+                 "--config.distributed.initialization_timeout_s=N"):
+        assert part in msg, (part, msg)
+    err = capsys.readouterr().err
+    assert "x2jax: process 2 of 4 timed out waiting" in err  # printed before JAX would abort
+    assert "JAX ends this process within about 5 s (unless they join in that grace) with DEADLINE_EXCEEDED" in err
+
+    def other_error(**kwargs):
+        raise RuntimeError("UNAVAILABLE: no route to host")
+
+    monkeypatch.setattr(jax.distributed, "initialize", other_error)
+    with pytest.raises(RuntimeError, match="no route to host") as info:
+        initialize_distributed("10.0.0.1:1234", 4, 2)
+    assert not isinstance(info.value, PeerTimeoutError)
+
+
+def test_exit_report_explains_a_hanging_shutdown(capsys, fast_reports):
+    done = threading.Event()
+    t = threading.Thread(target=mesh_lib._watch_exit, args=(done, "process 0 of 2", 9))
+    t.start()
+    time.sleep(0.3)
+    done.set()
+    t.join(5)
+    err = capsys.readouterr().err
+    assert "x2jax: process 0 of 2 is waiting at exit for the other processes" in err
+    assert "heartbeat_timeout_s=9 s (--config.distributed.heartbeat_timeout_s)" in err
+    assert "'Task K heartbeat timeout'" in err and "still waiting at exit" in err
+    # A quick exit says nothing.
+    done = threading.Event()
+    done.set()
+    mesh_lib._watch_exit(done, "process 0 of 2", 9)
+    assert capsys.readouterr().err == ""

@@ -235,7 +235,7 @@ def test_bad_config_is_a_clear_error_before_any_compile(tmp_path, cache_dir, ove
 def test_unknown_config_key_is_an_error_naming_the_known_keys(cache_dir):
     with pytest.raises(ValueError, match=r"unknown config key 'optimizer.lrr'.*known: accumulate_steps"):
         tiny_config(cache_dir, **{"optimizer.lrr": 0.1})
-    with pytest.raises(ValueError, match="expected int"):
+    with pytest.raises(ValueError, match="--config.num_steps: expected an integer, got 'ten'"):
         tiny_config(cache_dir, **{"num_steps": "ten"})
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config.nope=1"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "unknown config key 'nope'" in out.stderr

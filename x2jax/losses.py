@@ -9,7 +9,8 @@ centres^T), ``labels`` is ``(B,)`` int, and the result is the scaled logits
 ``(B, C)`` in float32, ready for softmax cross-entropy. Only the target column
 ``labels[i]`` of each row is changed by the margin; every other column is
 ``scale * cosine``. Inputs of any float dtype (float32, bfloat16, float16) are
-computed in float32.
+computed in float32; the floor of ``sin theta`` in true arccos gradients follows
+the input dtype (:func:`sin_floor`), so float16 gradients stay finite at ±1.
 
 Label range. Called with concrete labels (outside ``jit``), every margin
 function and :func:`margin_loss` raise ``ValueError`` for a label outside
@@ -44,8 +45,10 @@ from jax.experimental import checkify
 Array = jax.Array
 MarginFn = Callable[..., Array]
 
-# Floor of sin(theta) in the exact X2-Softmax gradient: keeps d f / d cos finite
-# at theta -> pi (and at theta -> 0 when h != 0), where it is singular.
+# Floor of sin(theta) in the exact X2-Softmax gradient and in arccos gradients:
+# keeps d f / d cos finite at theta -> pi (and at theta -> 0 when h != 0), where
+# it is singular. Inputs coarser than float32 near +-1 get a larger floor, see
+# sin_floor.
 SIN_FLOOR = 1e-3
 # Normalisation floor, as torch.nn.functional.normalize.
 NORM_EPS = 1e-12
@@ -56,6 +59,7 @@ __all__ = [
     "adaface_update",
     "arcface",
     "check_labels",
+    "check_nonempty_batch",
     "checkify_labels",
     "clip_cosine",
     "combined_margin",
@@ -70,6 +74,7 @@ __all__ = [
     "l2_normalize",
     "margin_loss",
     "normface",
+    "sin_floor",
     "sphereface",
     "update_state",
     "x2_softmax",
@@ -101,6 +106,19 @@ def check_labels(labels: Array | np.ndarray, num_classes: int, *, what: str = "l
         raise ValueError(
             f"{bad.size} {what} out of range [0, {num_classes}): {shown}"
             + (" ..." if bad.size > 5 else "")
+        )
+
+
+def check_nonempty_batch(embeddings: Array, *, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the shape if ``embeddings`` has no rows.
+
+    Shapes are static, so this also holds under ``jit``: a mean over a (0, D)
+    batch would be NaN, and a zero-size batch is a bug upstream.
+    """
+    if embeddings.shape[0] == 0:
+        raise ValueError(
+            f"{where}: empty batch, embeddings shape {tuple(embeddings.shape)} (B = 0); "
+            "the loss is a mean over the batch and needs B >= 1"
         )
 
 
@@ -141,6 +159,31 @@ def _prepare(cosine: Array, labels: Array) -> tuple[Array, Array, Array]:
     target_mask = labels[:, None] == jnp.arange(num_classes, dtype=labels.dtype)[None, :]
     cos_y = jnp.sum(jnp.where(target_mask, cosine, 0.0), axis=1)
     return cosine, target_mask, cos_y
+
+
+def sin_floor(dtype: Any) -> float:
+    """Floor of ``sin theta`` in the true gradients for a cosine of ``dtype``.
+
+    ``max(SIN_FLOOR, sin theta)`` at the representable cosine nearest ±1
+    (``1 - finfo(dtype).epsneg``). Where that exceeds SIN_FLOOR (float16,
+    bfloat16) it binds only at exactly ±1, whose gradient is then within ~1 % of
+    the one at the representable neighbour. float32 (and float64): SIN_FLOOR;
+    float16: ~2^-5 (the exact X2
+    gradient at cos = -1, scale 64, is then ~1.2e4 instead of 3.6e5, which
+    exceeds float16's max 65504 and would make the float16 cotangent inf);
+    bfloat16: ~2^-3.5.
+
+    Args:
+      dtype: dtype of the cosine as passed in (before the float32 cast).
+
+    Returns:
+      The floor, a Python float.
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return SIN_FLOOR
+    epsneg = float(jnp.finfo(dtype).epsneg)
+    return max(SIN_FLOOR, math.sqrt(2.0 * epsneg - epsneg * epsneg))
 
 
 def clip_cosine(cosine: Array) -> Array:
@@ -190,17 +233,21 @@ def _theta(cos: Array) -> Array:
     return jnp.arccos(jnp.clip(cos, -1.0, 1.0))
 
 
-@jax.custom_jvp
-def safe_arccos(cos: Array) -> Array:
-    """``arccos`` on [-1, 1] with the derivative ``-1 / max(sin theta, SIN_FLOOR)``."""
+def safe_arccos(cos: Array, floor: float = SIN_FLOOR) -> Array:
+    """``arccos`` on [-1, 1] with the derivative ``-1 / max(sin theta, floor)``."""
+    return _safe_arccos(cos, float(floor))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _safe_arccos(cos: Array, floor: float) -> Array:
     return _theta(cos)
 
 
-@safe_arccos.defjvp
-def _safe_arccos_jvp(primals, tangents):
+@_safe_arccos.defjvp
+def _safe_arccos_jvp(floor, primals, tangents):
     (cos,), (dcos,) = primals, tangents
     theta = _theta(cos)
-    return theta, -dcos / jnp.maximum(jnp.sin(theta), SIN_FLOOR)
+    return theta, -dcos / jnp.maximum(jnp.sin(theta), floor)
 
 
 # ----------------------------------------------------------------------------
@@ -212,16 +259,16 @@ def _x2_value(theta: Array, a: float, h: float, k: float) -> Array:
     return a * (theta - h) ** 2 + k
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _x2_exact(cos: Array, a: float, h: float, k: float) -> Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _x2_exact(cos: Array, a: float, h: float, k: float, floor: float) -> Array:
     return _x2_value(_theta(cos), a, h, k)
 
 
 @_x2_exact.defjvp
-def _x2_exact_jvp(a, h, k, primals, tangents):
+def _x2_exact_jvp(a, h, k, floor, primals, tangents):
     (cos,), (dcos,) = primals, tangents
     theta = _theta(cos)
-    sin = jnp.maximum(jnp.sin(theta), SIN_FLOOR)
+    sin = jnp.maximum(jnp.sin(theta), floor)
     # d f / d cos = 2a (theta - h) * (-1 / sin theta)
     #             = -2a * theta / sin(theta) + 2a h / sin(theta).
     # theta / sin(theta) = 1 / sinc(theta / pi) is smooth at theta = 0 (limit 1),
@@ -235,18 +282,26 @@ def _x2_exact_jvp(a, h, k, primals, tangents):
 
 
 def _x2_target(
-    cos_y: Array, *, a: float, h: float, k: float, gradient: Literal["straight_through", "exact"]
+    cos_y: Array,
+    *,
+    a: float,
+    h: float,
+    k: float,
+    gradient: Literal["straight_through", "exact"],
+    floor: float = SIN_FLOOR,
 ) -> Array:
     """X2 target ``a (arccos(cos_y) - h)^2 + k``, (B,) -> (B,); see :func:`x2_softmax`."""
     if gradient == "straight_through":
         return _straight_through(cos_y, _x2_value(_theta(cos_y), a, h, k))
     if gradient == "exact":
-        return _x2_exact(cos_y, float(a), float(h), float(k))
+        return _x2_exact(cos_y, float(a), float(h), float(k), float(floor))
     raise ValueError(f"gradient must be 'straight_through' or 'exact', got {gradient!r}")
 
 
-def _x2_margin(*, scale, a, h, k, gradient) -> _TargetMargin:
-    return _TargetMargin(scale, functools.partial(_x2_target, a=a, h=h, k=k, gradient=gradient))
+def _x2_margin(*, scale, a, h, k, gradient, floor=SIN_FLOOR) -> _TargetMargin:
+    return _TargetMargin(
+        scale, functools.partial(_x2_target, a=a, h=h, k=k, gradient=gradient, floor=floor)
+    )
 
 
 def x2_softmax(
@@ -269,13 +324,14 @@ def x2_softmax(
     gradient reaching ``cos_y`` is that of ``scale * cos_y``, evaluated at the X2
     probabilities. gradient="exact": ``d f/d cos = -2a (theta - h) / sin theta``,
     finite everywhere (exact limit ``-2a`` at theta -> 0 when h = 0; ``sin theta``
-    floored at ``SIN_FLOOR`` otherwise).
+    floored at :func:`sin_floor` of the cosine's dtype otherwise).
 
     Shapes: cosine (B, C) float, labels (B,) int -> (B, C) float32.
     """
-    return _target_margin_logits(
-        cosine, labels, _x2_margin(scale=scale, a=a, h=h, k=k, gradient=gradient)
+    margin = _x2_margin(
+        scale=scale, a=a, h=h, k=k, gradient=gradient, floor=sin_floor(cosine.dtype)
     )
+    return _target_margin_logits(cosine, labels, margin)
 
 
 # ----------------------------------------------------------------------------
@@ -308,6 +364,7 @@ def _combined_target(
     m2: float,
     m3: float,
     gradient: Literal["auto", "straight_through", "exact"],
+    floor: float = SIN_FLOOR,
 ) -> Array:
     """Combined-margin target ``cos(m1 arccos(cos_y) + m2) - m3``, (B,) -> (B,)."""
     if gradient == "auto":
@@ -317,16 +374,18 @@ def _combined_target(
     if gradient == "exact":
         if m1 == 1.0 and m2 == 0.0:  # CosFace: no arccos, exact everywhere
             return cos_y - m3
-        return jnp.cos(m1 * safe_arccos(cos_y) + m2) - m3
+        return jnp.cos(m1 * safe_arccos(cos_y, floor) + m2) - m3
     raise ValueError(f"gradient must be 'auto', 'straight_through' or 'exact', got {gradient!r}")
 
 
 def _combined_margin(
-    *, scale, m1, m2, m3, interclass_filtering_threshold, gradient
+    *, scale, m1, m2, m3, interclass_filtering_threshold, gradient, floor=SIN_FLOOR
 ) -> _TargetMargin | None:
     if interclass_filtering_threshold > 0:  # changes non-target logits: not target-only
         return None
-    target = functools.partial(_combined_target, m1=m1, m2=m2, m3=m3, gradient=gradient)
+    target = functools.partial(
+        _combined_target, m1=m1, m2=m2, m3=m3, gradient=gradient, floor=floor
+    )
     return _TargetMargin(scale, target)
 
 
@@ -351,16 +410,18 @@ def combined_margin(
 
     Shapes: cosine (B, C), labels (B,) -> (B, C) float32.
     """
+    floor = sin_floor(cosine.dtype)
     margin = _combined_margin(
         scale=scale, m1=m1, m2=m2, m3=m3,
         interclass_filtering_threshold=interclass_filtering_threshold, gradient=gradient,
+        floor=floor,
     )
     if margin is not None:
         return _target_margin_logits(cosine, labels, margin)
     cosine, target_mask, cos_y = _prepare(cosine, labels)
     dirty = (cosine > interclass_filtering_threshold) & ~target_mask
     cosine = jnp.where(jax.lax.stop_gradient(dirty), 0.0, cosine)
-    target = _combined_target(cos_y, m1=m1, m2=m2, m3=m3, gradient=gradient)
+    target = _combined_target(cos_y, m1=m1, m2=m2, m3=m3, gradient=gradient, floor=floor)
     return _replace_target(cosine, target_mask, target, scale)
 
 
@@ -392,19 +453,20 @@ def cosface(cosine: Array, labels: Array, *, scale: float = 64.0, margin: float 
     return _target_margin_logits(cosine, labels, _cosface_margin(scale=scale, margin=margin))
 
 
-def _sphereface_target(cos_y: Array, *, margin: int, lamb: float) -> Array:
+def _sphereface_target(cos_y: Array, *, margin: int, lamb: float, floor: float = SIN_FLOOR) -> Array:
     """SphereFace target ``(lamb cos_y + psi(arccos cos_y)) / (1 + lamb)``, (B,) -> (B,)."""
-    theta = safe_arccos(cos_y)
+    theta = safe_arccos(cos_y, floor)
     k = jax.lax.stop_gradient(jnp.clip(jnp.floor(margin * theta / math.pi), 0, margin - 1))
     sign = 1.0 - 2.0 * jnp.mod(k, 2.0)
     psi = sign * jnp.cos(margin * theta) - 2.0 * k
     return (lamb * cos_y + psi) / (1.0 + lamb)
 
 
-def _sphereface_margin(*, scale, margin, lamb) -> _TargetMargin:
+def _sphereface_margin(*, scale, margin, lamb, floor=SIN_FLOOR) -> _TargetMargin:
     if int(margin) != margin or margin < 1:
         raise ValueError(f"sphereface margin must be a positive integer, got {margin!r}")
-    return _TargetMargin(scale, functools.partial(_sphereface_target, margin=margin, lamb=lamb))
+    target = functools.partial(_sphereface_target, margin=margin, lamb=lamb, floor=floor)
+    return _TargetMargin(scale, target)
 
 
 def sphereface(
@@ -420,13 +482,12 @@ def sphereface(
     ``psi(theta) = (-1)^k cos(m theta) - 2k`` for ``theta in [k pi/m, (k+1) pi/m]``
     (monotone extension of ``cos(m theta)``), blended as ``(lamb cos + psi)/(1 + lamb)``
     (the original annealing; lamb=0 is the pure margin). True gradient through
-    ``arccos`` (``sin theta`` floored at ``SIN_FLOOR``).
+    ``arccos`` (``sin theta`` floored at :func:`sin_floor` of the cosine's dtype).
 
     Shapes: cosine (B, C), labels (B,) -> (B, C) float32.
     """
-    return _target_margin_logits(
-        cosine, labels, _sphereface_margin(scale=scale, margin=margin, lamb=lamb)
-    )
+    margin_ = _sphereface_margin(scale=scale, margin=margin, lamb=lamb, floor=sin_floor(cosine.dtype))
+    return _target_margin_logits(cosine, labels, margin_)
 
 
 # ----------------------------------------------------------------------------
@@ -455,9 +516,10 @@ def curricularface(
 
     Shapes: cosine (B, C), labels (B,), t scalar -> (B, C) float32.
     """
+    floor = sin_floor(cosine.dtype)
     cosine, target_mask, cos_y = _prepare(cosine, labels)
     t = jax.lax.stop_gradient(jnp.asarray(t, jnp.float32))
-    cos_y_m = jnp.cos(safe_arccos(cos_y) + margin)
+    cos_y_m = jnp.cos(safe_arccos(cos_y, floor) + margin)
     target = jnp.where(
         cos_y > math.cos(math.pi - margin), cos_y_m, cos_y - math.sin(math.pi - margin) * margin
     )
@@ -544,14 +606,18 @@ def adaface_update(
     )
 
 
-def _elasticface_target(cos_y: Array, *, rng: Array, margin: float, sigma: float) -> Array:
+def _elasticface_target(
+    cos_y: Array, *, rng: Array, margin: float, sigma: float, floor: float = SIN_FLOOR
+) -> Array:
     """ElasticFace-Arc target ``cos(arccos(cos_y) + m_i)``, ``m_i ~ N(margin, sigma)``, (B,) -> (B,)."""
     m = margin + sigma * jax.random.normal(rng, cos_y.shape, jnp.float32)
-    return jnp.cos(safe_arccos(cos_y) + m)
+    return jnp.cos(safe_arccos(cos_y, floor) + m)
 
 
-def _elasticface_margin(*, rng, scale, margin, sigma) -> _TargetMargin:
-    target = functools.partial(_elasticface_target, rng=rng, margin=margin, sigma=sigma)
+def _elasticface_margin(*, rng, scale, margin, sigma, floor=SIN_FLOOR) -> _TargetMargin:
+    target = functools.partial(
+        _elasticface_target, rng=rng, margin=margin, sigma=sigma, floor=floor
+    )
     return _TargetMargin(scale, target)
 
 
@@ -567,13 +633,14 @@ def elasticface(
     """ElasticFace-Arc (Boutros et al., CVPRW 2022): ``cos(theta_y + m_i)``, ``m_i ~ N(m, sigma)``.
 
     One margin per sample drawn from ``rng``; true gradient through ``arccos`` as in
-    the official code (``sin theta`` floored at ``SIN_FLOOR``).
+    the official code (``sin theta`` floored at :func:`sin_floor` of the cosine's dtype).
 
     Shapes: cosine (B, C), labels (B,) -> (B, C) float32.
     """
-    return _target_margin_logits(
-        cosine, labels, _elasticface_margin(rng=rng, scale=scale, margin=margin, sigma=sigma)
+    margin_ = _elasticface_margin(
+        rng=rng, scale=scale, margin=margin, sigma=sigma, floor=sin_floor(cosine.dtype)
     )
+    return _target_margin_logits(cosine, labels, margin_)
 
 
 # ----------------------------------------------------------------------------
@@ -840,7 +907,7 @@ def margin_loss(
     included, get the generic ``cross_entropy(margin_fn(cosine, labels, **params))``.
 
     Shapes: embeddings (B, D), weight (C, D) (insightface layout), labels (B,) int
-    -> scalar float32.
+    -> scalar float32. ``B = 0`` raises ``ValueError`` (the batch mean is undefined).
     """
     if isinstance(margin_fn, str):
         margin_fn = get(margin_fn)
@@ -851,6 +918,7 @@ def margin_loss(
         raise ValueError(
             f"embedding dim {embeddings.shape[1]} does not match weight (C, D)={weight.shape}"
         )
+    check_nonempty_batch(embeddings, where="margin_loss")
     check_labels(labels, weight.shape[0])
     if _accepts(margin_fn, "norms") and "norms" not in params:
         params["norms"] = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=1)

@@ -8,7 +8,8 @@ Stream (one per process)::
            different one every epoch), so processes are disjoint and equal.
   -> decode (JPEG / PNG via PIL, or an already decoded array)
   -> random horizontal flip (p = 0.5, a splitmix64 hash of (seed, shard, position))
-  -> batch ``batch_size`` records, skipping undecodable ones (or raising)
+  -> batch ``batch_size`` records, skipping corrupt ones (or raising): undecodable,
+     of the wrong size, or unreadable (a RecordIO framing error)
   -> normalise ``(x / 255 - 0.5) / 0.5`` to float32 (in the consuming process:
      worker processes send uint8 batches, a quarter of the bytes)
 
@@ -21,28 +22,43 @@ and Orbax save / restore via :func:`checkpoint_save_args` /
 :func:`checkpoint_restore_args` (grain's handler). A restored iterator yields
 exactly the batches the original would have yielded next, given the same
 source, seed, batch size, shards and ``worker_count``.
+
+Corrupt data: skipped records are counted (``num_skipped``) and logged at
+most once per ``LOG_EVERY_S`` seconds. When ``max_consecutive_corrupt``
+(default 1,000) records in a row, or one epoch of the shard if that is fewer,
+are all corrupt, :class:`NoUsableRecordsError` says why instead of looping
+forever. A batch ends on a good record, so the run of corrupt records is never
+part of the checkpointed state.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
 import threading
+import time
 from typing import Any
 
 import grain
 import numpy as np
 
-from x2jax.data.recordio import decode_image
-from x2jax.data.sources import ArraySource
+from x2jax.data.recordio import RecordIOError, decode_image
+from x2jax.data.sources import ArraySource, EmptyDatasetError
 
 log = logging.getLogger(__name__)
 
 _SKIPPED = "num_skipped"
+MAX_CONSECUTIVE_CORRUPT = 1000
+LOG_EVERY_S = 10.0  # at most one "skipped N corrupt records" line per interval (after the first)
 
 
 class CorruptImageError(ValueError):
-    """A training record could not be decoded (or has the wrong size)."""
+    """A training record could not be read or decoded, or has the wrong size."""
+
+
+class NoUsableRecordsError(ValueError):
+    """Every record in a long run was corrupt: no batch can be made (the message says why)."""
 
 
 # ---------------------------------------------------------------------------
@@ -150,9 +166,11 @@ def flip_bit(seed: int, index: int) -> bool:
 
 
 class _DecodeFlip:
-    """(position, record) -> {'image': uint8 (H, W, 3) or None, 'label', 'key', 'error'}.
+    """(position, record) -> {'image': uint8 (H, W, 3) or None, 'label', 'key', 'error', ...}.
 
     Decodes, checks the size, and mirrors the image when ``flip_bit(flip_seed, position)``.
+    A corrupt record has ``error`` (the reason), ``error_kind`` ('read', 'decode'
+    or 'size') and, for 'size', ``found_size`` ('HxW').
     """
 
     def __init__(self, image_size: tuple[int, int] | None, on_corrupt: str, flip_seed: int | None):
@@ -162,23 +180,56 @@ class _DecodeFlip:
 
     def __call__(self, position: int, record: dict[str, Any]) -> dict[str, Any]:
         key = record.get("key", "?")
-        image = record["image"]
-        error = None
-        try:
-            if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
-                decoded = image
-            else:
-                decoded = decode_image(bytes(image))
-            if self.image_size is not None and decoded.shape[:2] != self.image_size:
-                raise ValueError(f"image size {decoded.shape[:2]} != expected {self.image_size}")
-        except ValueError as e:
-            error = str(e)
-            decoded = None
+        error, kind, found = record.get("error"), record.get("error_kind", "read"), None
+        decoded = None
+        if error is None:
+            image = record["image"]
+            try:
+                if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
+                    decoded = image
+                else:
+                    kind = "decode"
+                    decoded = decode_image(bytes(image))
+                if self.image_size is not None and decoded.shape[:2] != self.image_size:
+                    kind, found = "size", "x".join(map(str, decoded.shape[:2]))
+                    raise ValueError(f"image size {found} != expected {'x'.join(map(str, self.image_size))}")
+            except ValueError as e:
+                error, decoded = str(e), None
+        if error is not None:
             if self.on_corrupt == "raise":
-                raise CorruptImageError(f"{key}: {error}") from e
-        if decoded is not None and self.flip_seed is not None and flip_bit(self.flip_seed, position):
+                raise CorruptImageError(f"{key}: {error}")
+            return {
+                "image": None,
+                "label": np.int32(-1),
+                "key": key,
+                "error": error,
+                "error_kind": kind,
+                "found_size": found,
+            }
+        if self.flip_seed is not None and flip_bit(self.flip_seed, position):
             decoded = decoded[:, ::-1]
-        return {"image": decoded, "label": np.int32(record["label"]), "key": key, "error": error}
+        return {"image": decoded, "label": np.int32(record["label"]), "key": key, "error": None}
+
+
+class _GuardedSource:
+    """``source[i]``; a read error (``RecordIOError``, ``CorruptImageError``) becomes an error record."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self._source[index]
+        except (RecordIOError, CorruptImageError) as e:
+            key = getattr(e, "record_key", None)
+            if key is None:
+                key, error = f"{type(self._source).__name__}[{index}]", str(e)
+            else:
+                error = getattr(e, "reason", str(e))
+            return {"image": None, "label": -1, "key": key, "error": error, "error_kind": "read"}
 
 
 def normalize(images_uint8: np.ndarray) -> np.ndarray:
@@ -191,10 +242,109 @@ def normalize(images_uint8: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------
 # Batching that skips corrupt records.
+_KIND_LABELS = {"read": "unreadable record", "decode": "undecodable image"}
+
+
+def _signature(record: dict[str, Any]) -> str:
+    if record.get("error_kind") == "size":
+        return f"wrong size {record['found_size']}"
+    return _KIND_LABELS.get(record.get("error_kind"), "corrupt record")
+
+
+def _likely_cause(kinds: collections.Counter, context: dict[str, Any]) -> str:
+    expected = context.get("image_size")
+    expected = "x".join(map(str, expected)) if expected else "?"
+    origin = context.get("image_size_origin") or "the source's image_size"
+    sizes = [k[len("wrong size ") :] for k in kinds if k.startswith("wrong size ")]
+    if len(sizes) == len(kinds) == 1:
+        fix = "correct the property file (num_classes,H,W)" if origin.endswith("property") else "resize them"
+        return f"the images are {sizes[0]} but {expected} is expected (from {origin}): {fix}"
+    if len(sizes) == len(kinds):
+        return f"the images have sizes {', '.join(sizes)} but {expected} is expected (from {origin}): resize them"
+    if set(kinds) == {"undecodable image"}:
+        return (
+            "the payloads are not images PIL can decode (JPEG / PNG): the wrong files, a .rec of "
+            "raw arrays, or a damaged copy of the dataset"
+        )
+    if set(kinds) == {"unreadable record"}:
+        return (
+            "the records cannot be read: the .idx does not belong to this .rec (rebuild it), or "
+            "the .rec is truncated or damaged"
+        )
+    return "the dataset is mostly corrupt, for the mixed reasons above: check (or re-copy) the files"
+
+
 class _SkipBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+    """Batches good records; counts, logs (rate-limited) and skips corrupt ones.
+
+    Raises :class:`NoUsableRecordsError` after ``max_consecutive`` corrupt
+    records in a row (in this process or worker).
+    """
+
+    def __init__(
+        self, parent: grain.DatasetIterator, batch_size: int, max_consecutive: int, context: dict[str, Any]
+    ):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._max_consecutive = max_consecutive
+        self._context = context
+        self._total = 0  # skipped by this iterator (not checkpointed; TrainLoaderIterator's is)
+        self._since_log = 0
+        self._last_log: float | None = None
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        self._run = 0
+        self._run_kinds: collections.Counter = collections.Counter()
+        self._first: list[str] = []  # the run's first 3 reasons
+        self._distinct: list[str] = []  # the run's first reason of each kind (3 at most)
+
+    def _note_corrupt(self, record: dict[str, Any]) -> None:
+        self._total += 1
+        self._since_log += 1
+        self._run += 1
+        line = f"{record['key']}: {record['error']}"
+        sig = _signature(record)
+        self._run_kinds[sig] += 1
+        if self._run_kinds[sig] == 1 and len(self._distinct) < 3:
+            self._distinct.append(line)
+        if len(self._first) < 3:
+            self._first.append(line)
+        now = time.monotonic()
+        if self._last_log is None:
+            log.warning(
+                "skipping corrupt training record %s (further ones are counted, one line per %.0f s)",
+                line,
+                LOG_EVERY_S,
+            )
+            self._last_log, self._since_log = now, 0
+        elif now - self._last_log >= LOG_EVERY_S:
+            log.warning(
+                "skipped %s corrupt training records in the last %.0f s (%s in all; last: %s)",
+                f"{self._since_log:,}",
+                now - self._last_log,
+                f"{self._total:,}",
+                line,
+            )
+            self._last_log, self._since_log = now, 0
+        if self._run >= self._max_consecutive:
+            raise self._starved_error()
+
+    def _starved_error(self) -> NoUsableRecordsError:
+        ctx = self._context
+        examples = self._distinct + [x for x in self._first if x not in self._distinct]
+        reasons = ", ".join(f"{n:,} {sig}" for sig, n in self._run_kinds.most_common())
+        first = "".join(f"\n    {x}" for x in examples[:3])
+        return NoUsableRecordsError(
+            f"no usable training record in {self._run:,} consecutive records of shard "
+            f"{ctx['shard_index']} of {ctx['shard_count']}: every one was corrupt and skipped "
+            f"({self._total:,} skipped by this loader so far; the limit is "
+            f"max_consecutive_corrupt={ctx['max_consecutive_corrupt']:,} or one epoch of the shard, "
+            f"{ctx['per_shard']:,} records, whichever is smaller)"
+            f"\n  reasons: {reasons}"
+            f"\n  likely cause: {_likely_cause(self._run_kinds, ctx)}"
+            f"\n  first skipped:{first}"
+        )
 
     def __next__(self) -> dict[str, np.ndarray]:
         images, labels, skipped = [], [], 0
@@ -202,8 +352,10 @@ class _SkipBatchIterator(grain.DatasetIterator):
             record = next(self._parent)  # StopIteration drops the partial batch
             if record["error"] is not None:
                 skipped += 1
-                log.warning("skipping corrupt training record %s: %s", record["key"], record["error"])
+                self._note_corrupt(record)
                 continue
+            if self._run:
+                self._reset_run()
             images.append(record["image"])
             labels.append(record["label"])
         # uint8 here: with worker processes a quarter of the bytes cross the process
@@ -215,15 +367,20 @@ class _SkipBatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state)
+        self._reset_run()
 
 
 class _SkipBatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, batch_size: int):
+    def __init__(
+        self, parent: grain.IterDataset, batch_size: int, max_consecutive: int, context: dict[str, Any]
+    ):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._max_consecutive = max_consecutive
+        self._context = context
 
     def __iter__(self) -> _SkipBatchIterator:
-        return _SkipBatchIterator(self._parent.__iter__(), self._batch_size)
+        return _SkipBatchIterator(self._parent.__iter__(), self._batch_size, self._max_consecutive, self._context)
 
 
 class TrainLoaderIterator(grain.DatasetIterator):
@@ -281,6 +438,7 @@ def make_train_dataset(
     read_threads: int | None = None,
     image_size: tuple[int, int] | None = None,
     on_corrupt: str = "skip",
+    max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT,
 ) -> grain.IterDataset:
     """The grain ``IterDataset`` behind :func:`make_train_loader` (same arguments)."""
     if batch_size < 1:
@@ -291,13 +449,23 @@ def make_train_dataset(
         raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if max_consecutive_corrupt < 1:
+        raise ValueError(f"max_consecutive_corrupt must be >= 1, got {max_consecutive_corrupt}")
+    if len(source) == 0:
+        where = next((getattr(source, a) for a in ("directory", "root", "name") if hasattr(source, a)), "")
+        raise EmptyDatasetError(
+            f"training source {type(source).__name__} {where}: the dataset is empty (0 records)"
+        )
     if image_size is None:
         image_size = getattr(source, "image_size", None)
+        image_size_origin = getattr(source, "image_size_origin", None)
+    else:
+        image_size_origin = "make_train_loader's image_size argument"
     if read_threads is None:
         # Decoded in-memory arrays: a thread hand-off costs more than the read itself.
         read_threads = 0 if isinstance(source, ArraySource) else 2
     ds = _EpochShardDataset(
-        grain.MapDataset.source(source),
+        grain.MapDataset.source(_GuardedSource(source)),
         seed=seed,
         shard_index=shard_index,
         shard_count=shard_count,
@@ -308,7 +476,16 @@ def make_train_dataset(
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 16))
     )
-    it_ds = _SkipBatchDataset(it_ds, batch_size)
+    per_shard = len(source) // shard_count
+    context = dict(
+        image_size=image_size,
+        image_size_origin=image_size_origin,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        per_shard=per_shard,
+        max_consecutive_corrupt=max_consecutive_corrupt,
+    )
+    it_ds = _SkipBatchDataset(it_ds, batch_size, min(max_consecutive_corrupt, per_shard), context)
     if worker_count > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(
@@ -346,8 +523,15 @@ def make_train_loader(
         with the same value.
       kwargs: ``worker_buffer_size``, ``read_threads`` (threads decoding ahead in
         each process; default 2, 0 for an in-memory ``ArraySource``), ``image_size``,
-        ``on_corrupt`` ('skip': count in ``iterator.num_skipped`` and log;
-        'raise': ``CorruptImageError`` naming the record).
+        ``on_corrupt`` ('skip': count in ``iterator.num_skipped`` and log, at most
+        one line per ``LOG_EVERY_S``; 'raise': ``CorruptImageError`` naming the
+        record), ``max_consecutive_corrupt`` (default 1,000: that many corrupt
+        records in a row, or one epoch of the shard if fewer, raise
+        ``NoUsableRecordsError``; with workers, counted in each worker).
+
+    Corrupt: undecodable, of another size than ``image_size``, or unreadable
+    (a ``RecordIOError`` from the source: bad magic, wrong offset, truncated).
+    An empty source raises ``EmptyDatasetError``.
     """
     ds = make_train_dataset(
         source,

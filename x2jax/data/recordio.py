@@ -56,7 +56,24 @@ array), id, id2 (uint64)."""
 
 
 class RecordIOError(ValueError):
-    """A RecordIO / .idx file is malformed (the message names file and byte offset)."""
+    """A RecordIO / .idx file is malformed (the message names file and byte offset).
+
+    ``reason`` is the message without the file name; ``offset`` the byte offset
+    of the bad frame and ``record_key`` the record's name, where known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        offset: int | None = None,
+        record_key: str | None = None,
+    ):
+        super().__init__(message)
+        self.reason = message if reason is None else reason
+        self.offset = offset
+        self.record_key = record_key
 
 
 def _encode_lrecord(cflag: int, length: int) -> int:
@@ -173,39 +190,67 @@ class MXRecordIO:
             out.write(b"\0" * pad)
 
     # -- reading ---------------------------------------------------------------
+    def _error(self, reason: str, offset: int) -> RecordIOError:
+        return RecordIOError(f"{self.uri}: {reason}", reason=reason, offset=offset)
+
     def _pread_exact(self, count: int, offset: int, what: str) -> bytes:
         fd = self._reader_fd()
+        if offset + count > self._size:
+            self._size = os.fstat(fd).st_size  # the file may have grown since it was opened
+        if offset + count > self._size:
+            # Checked before reading: a garbage length must not allocate up to 512 MiB.
+            have = max(0, self._size - offset)
+            raise self._error(
+                f"truncated {what} at byte offset {offset}: needed {count} bytes, the file "
+                f"ends after {have} (file size {self._size})",
+                offset,
+            )
         data = os.pread(fd, count, offset)
         if len(data) != count:
-            raise RecordIOError(
-                f"{self.uri}: truncated {what} at byte offset {offset}: needed {count} "
-                f"bytes, the file ends after {len(data)} (file size {self._size})"
+            raise self._error(
+                f"truncated {what} at byte offset {offset}: needed {count} bytes, the file "
+                f"ends after {len(data)} (file size {self._size})",
+                offset,
             )
         return data
 
     def read_at(self, offset: int) -> tuple[bytes, int]:
-        """Reads the record starting at byte ``offset``; returns (bytes, next offset)."""
+        """Reads the record starting at byte ``offset``; returns (bytes, next offset).
+
+        Raises :class:`RecordIOError` (file, byte offset) on a bad magic word, an
+        unaligned offset, a cflag sequence that is not 0 or 1, 2..., 3, or a
+        length past the end of the file; never reads more than the file holds.
+        """
+        if offset % 4:
+            raise self._error(
+                f"byte offset {offset} is not 4-byte aligned, so not the start of a record "
+                "(a wrong .idx offset)",
+                offset,
+            )
         parts = []
         pos = offset
         while True:
             frame = self._pread_exact(8, pos, "record header")
             magic, lrecord = _FRAME.unpack(frame)
             if magic != MAGIC:
-                raise RecordIOError(
-                    f"{self.uri}: bad magic word 0x{magic:08x} at byte offset {pos} "
-                    f"(expected 0x{MAGIC:08x}); not a RecordIO file, or a wrong .idx offset"
+                raise self._error(
+                    f"bad magic word 0x{magic:08x} at byte offset {pos} "
+                    f"(expected 0x{MAGIC:08x}); not a RecordIO file, or a wrong .idx offset",
+                    pos,
                 )
             cflag = lrecord >> 29
             length = lrecord & _LENGTH_MASK
             if parts and cflag not in (2, 3):
-                raise RecordIOError(
-                    f"{self.uri}: continuation part with cflag {cflag} at byte offset {pos} "
-                    f"(expected 2 or 3 after a cflag 1 part)"
+                raise self._error(
+                    f"continuation part with cflag {cflag} at byte offset {pos} "
+                    f"(expected 2 or 3 after a cflag 1 part)",
+                    pos,
                 )
             if not parts and cflag in (2, 3):
-                raise RecordIOError(
-                    f"{self.uri}: record at byte offset {pos} starts with cflag {cflag} "
-                    "(a middle/last part); the offset is not the start of a record"
+                raise self._error(
+                    f"record at byte offset {pos} starts with cflag {cflag} "
+                    "(a middle/last part); the offset is not the start of a record",
+                    pos,
                 )
             payload = self._pread_exact(_upper_align(length), pos + 8, "record payload")
             parts.append(payload[:length])
@@ -393,13 +438,16 @@ def pack_img(
 
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 (H, W, 3). Raises ``ValueError`` if undecodable."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
+    from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as e:  # PIL raises several types (OSError, SyntaxError, ...)
-        raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from e
+        detail = str(e)
+        if isinstance(e, UnidentifiedImageError):  # its message names a BytesIO address
+            detail = f"not an image format PIL knows (first bytes {bytes(data[:8]).hex()})"
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {detail}") from e
 
 
 def unpack_img(s: bytes) -> tuple[IRHeader, np.ndarray]:
@@ -507,7 +555,10 @@ def read_insightface_rec(
                 h = rec.read_header_idx(id_keys[c])
                 a = int(h.label[0])
                 if a < int(h.label[1]):
-                    got = _scalar_label(rec.read_header_idx(a).label)
+                    try:
+                        got = _scalar_label(rec.read_header_idx(a).label)
+                    except RecordIOError:
+                        continue  # an unreadable image record: the loader skips (or raises on) it
                     if int(got) != c:
                         raise RecordIOError(
                             f"{rec_path}: image record {a} is labelled {got} in its header but "
@@ -560,7 +611,9 @@ def write_insightface_rec(
     labels = np.asarray(labels, np.int64)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if labels.size else 0
+    num_classes = int(num_classes)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     order = np.argsort(labels, kind="stable")

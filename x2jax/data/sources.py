@@ -7,6 +7,10 @@ and the attributes ``num_classes`` and ``image_size`` (H, W):
 - ``label``: int identity in ``[0, num_classes)``;
 - ``key``: a string naming the record (file + record key / path) for errors.
 
+``image_size_origin`` names where ``image_size`` comes from (for error
+messages). A source with no records raises :class:`EmptyDatasetError` naming
+its path when opened.
+
 Sources hold no open file handles across pickling, so grain worker processes
 (spawned) can use them.
 """
@@ -23,6 +27,10 @@ from x2jax.data import recordio
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+class EmptyDatasetError(ValueError):
+    """A training dataset holds no images (the message names its path)."""
+
+
 class ArraySource:
     """In-memory decoded images: uint8 (N, H, W, 3) and int labels (N,)."""
 
@@ -31,6 +39,8 @@ class ArraySource:
     ):
         images = np.asarray(images)
         labels = np.asarray(labels)
+        if images.shape[:1] == (0,):
+            raise EmptyDatasetError(f"{name}: the dataset is empty (0 images)")
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"{name}: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
         if labels.shape != (images.shape[0],):
@@ -41,6 +51,7 @@ class ArraySource:
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"{name}: labels outside [0, {self.num_classes})")
         self.image_size = tuple(images.shape[1:3])
+        self.image_size_origin = f"the array shape of {name}"
         self.name = name
 
     def __len__(self) -> int:
@@ -56,8 +67,13 @@ class RecordIOSource:
     def __init__(self, directory: str | os.PathLike, *, prefix: str = "train", labels_from: str = "auto"):
         self.directory = os.fspath(directory)
         self.info = recordio.read_insightface_rec(self.directory, prefix=prefix, labels_from=labels_from)
+        require_images_in_rec(self.info)
         self.num_classes = self.info.num_classes
         self.image_size = self.info.image_size
+        prop = os.path.join(self.directory, "property")
+        self.image_size_origin = (
+            prop if os.path.isfile(prop) else f"the default: no property file in {self.directory}"
+        )
         self._reader = None
 
     def __getstate__(self):
@@ -74,13 +90,30 @@ class RecordIOSource:
         return len(self.info.image_keys)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """Raises ``RecordIOError`` naming file, record key and byte offset on a bad frame."""
         key = int(self.info.image_keys[index])
-        _, payload = recordio.unpack(self._rec().read_idx(key))
-        return {
-            "image": payload,
-            "label": int(self.info.labels[index]),
-            "key": f"{self.info.rec_path} record {key}",
-        }
+        name = f"{self.info.rec_path} record {key}"
+        rec = self._rec()
+        try:
+            _, payload = recordio.unpack(rec.read_idx(key))
+        except recordio.RecordIOError as e:
+            reason = f".idx offset {rec.idx.get(key)}: {e.reason}"
+            raise recordio.RecordIOError(
+                f"{name}: {reason}", reason=reason, offset=e.offset, record_key=name
+            ) from e
+        return {"image": payload, "label": int(self.info.labels[index]), "key": name}
+
+
+def require_images_in_rec(info: recordio.InsightFaceRec) -> None:
+    """Raises :class:`EmptyDatasetError` (naming the .rec) when ``info`` lists no image records."""
+    if len(info.image_keys):
+        return
+    with open(info.idx_path) as f:
+        num_records = sum(1 for line in f if line.strip())
+    raise EmptyDatasetError(
+        f"{info.rec_path}: the dataset is empty: no image records ({info.idx_path} lists "
+        f"{num_records} record(s), none of them an image)"
+    )
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
@@ -101,8 +134,9 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, l
                 paths.append(os.path.join(d, f))
                 labels.append(label)
     if not paths:
-        raise ValueError(
-            f"{root}: no images found in root/<identity>/<image> layout (extensions {IMAGE_EXTENSIONS})"
+        raise EmptyDatasetError(
+            f"{root}: the dataset is empty: no images found in root/<identity>/<image> layout "
+            f"(extensions {IMAGE_EXTENSIONS})"
         )
     return paths, np.asarray(labels, np.int32), names
 
@@ -115,6 +149,7 @@ class ImageFolderSource:
         self.paths, self.labels, self.class_names = scan_image_folder(self.root)
         self.num_classes = len(self.class_names)
         self.image_size = tuple(image_size)
+        self.image_size_origin = "ImageFolderSource's image_size argument, default 112x112"
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -161,9 +196,16 @@ class TfdsSource:
         self.num_classes = int(num_classes if num_classes is not None else meta["num_classes"])
         size = image_size if image_size is not None else meta.get("image_size", (112, 112))
         self.image_size = tuple(int(s) for s in size)
+        self.image_size_origin = (
+            "TfdsSource's image_size argument" if image_size is not None else f"the TFDS metadata of {name}"
+        )
         self._source = None
         self._len = None
         self._open()
+        if self._len == 0:
+            raise EmptyDatasetError(
+                f"tfds {name} split {split!r} in {builder.data_dir}: the dataset is empty (0 records)"
+            )
 
     def _open(self):
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel

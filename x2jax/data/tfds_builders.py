@@ -242,6 +242,7 @@ class InsightfaceRec(_Builder):
     def _split_generators(self, dl_manager):
         rec_dir = _manual_path(dl_manager, self._rec_dir, self.builder_config.name)
         info = recordio.read_insightface_rec(rec_dir, prefix=self.builder_config.prefix)
+        sources.require_images_in_rec(info)
         self.info.metadata.update(
             num_classes=info.num_classes, image_size=list(info.image_size), source=rec_dir
         )

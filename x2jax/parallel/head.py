@@ -228,8 +228,8 @@ def sharded_margin_loss(
       Scalar float32 mean cross-entropy over the global batch (and ``HeadAux``).
 
     Raises:
-      ValueError: shapes that do not fit the mesh, labels out of range
-        (concrete labels), a missing ``rng``.
+      ValueError: an empty batch (B = 0), shapes that do not fit the mesh, labels
+        out of range (concrete labels), a missing ``rng``.
     """
     if isinstance(margin_fn, str):
         margin_fn = losses.get(margin_fn)
@@ -241,6 +241,7 @@ def sharded_margin_loss(
     if dim != wdim:
         raise ValueError(
             f"sharded_margin_loss: embedding dim {dim} does not match weight (C, D)={weight.shape}")
+    losses.check_nonempty_batch(embeddings, where="sharded_margin_loss")
     num_classes = padded if num_classes is None else int(num_classes)
     if not 0 < num_classes <= padded:
         raise ValueError(

@@ -17,8 +17,13 @@ Axis types are ``Auto``: ``jax.make_mesh`` in JAX >= 0.7 defaults to
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import numbers
 import os
+import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -83,12 +88,114 @@ def make_mesh_from_config(config: Mapping[str, Any] | Any) -> Mesh:
     return make_mesh(data=int(get("data", -1)), model=int(get("model", 1)))
 
 
+class PeerTimeoutError(RuntimeError):
+    """Not every process joined ``jax.distributed`` within the initialization timeout."""
+
+
+# Progress lines while ``jax.distributed.initialize`` blocks: the first after
+# _FIRST_REPORT_S, then every _REPORT_EVERY_S; while the exit waits for the other
+# processes: after _EXIT_REPORT_S, then every _EXIT_REPORT_EVERY_S.
+_FIRST_REPORT_S = 5.0
+_REPORT_EVERY_S = 10.0
+_EXIT_REPORT_S = 3.0
+_EXIT_REPORT_EVERY_S = 30.0
+# JAX (0.10) keeps trying to register for 5 s past ``initialization_timeout``
+# before it aborts the process (coordination_service_agent.cc).
+_JAX_REGISTER_GRACE_S = 5
+_INIT_TIMEOUT_KEY = "--config.distributed.initialization_timeout_s"
+_HEARTBEAT_KEY = "--config.distributed.heartbeat_timeout_s"
+_exit_report_registered = False
+
+
+def _say(message: str) -> None:
+    """One line on stderr, where JAX's own errors go; stdout is flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    print(f"x2jax: {message}", file=sys.stderr, flush=True)
+
+
+def _whole_seconds(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"initialize_distributed: {name}={value!r} must be a whole number of seconds >= 1")
+    return int(value)
+
+
+def _describe(coordinator_address: str | None, num_processes: int | None,
+              process_id: int | None) -> tuple[str, str, str]:
+    """(this process, whom it waits for, where) for messages."""
+    me = (f"process {process_id}" if process_id is not None else "this process") + (
+        f" of {num_processes}" if num_processes is not None else "")
+    others = (f"the other {num_processes - 1} process(es)" if num_processes is not None
+              else "the other processes")
+    where = coordinator_address or "the auto-detected coordinator"
+    return me, others, where
+
+
+def _timeout_message(me: str, others: str, where: str, num_processes: int | None,
+                     timeout_s: int) -> str:
+    expected = f"all {num_processes} processes" if num_processes is not None else "all processes"
+    return (
+        f"{me} timed out waiting for {others} at {where}: not every process joined within "
+        f"initialization_timeout_s={timeout_s} s. Start {expected} with the same coordinator "
+        f"address within that time, or raise it with {_INIT_TIMEOUT_KEY}=N "
+        "(initialize_distributed(initialization_timeout_s=N)).")
+
+
+def _watch_initialization(done: threading.Event, t0: float, me: str, others: str, where: str,
+                          num_processes: int | None, timeout_s: int) -> None:
+    """Prints progress until ``done``; at the timeout, the clear message (JAX then aborts)."""
+    next_report = _FIRST_REPORT_S
+    while True:
+        elapsed = time.monotonic() - t0
+        wait = min(next_report, timeout_s) - elapsed
+        if wait > 0 and done.wait(wait):
+            return
+        elapsed = time.monotonic() - t0
+        if elapsed >= timeout_s:
+            break
+        _say(f"{me} waiting for {others} at {where} ({elapsed:.0f} s of {timeout_s} s, "
+             f"{_INIT_TIMEOUT_KEY})")
+        next_report += _REPORT_EVERY_S
+    _say(_timeout_message(me, others, where, num_processes, timeout_s)
+         + f" JAX ends this process within about {_JAX_REGISTER_GRACE_S} s (unless they join "
+         "in that grace) with DEADLINE_EXCEEDED; 'another task died' in its message means "
+         "this timeout.")
+
+
+def _watch_exit(done: threading.Event, me: str, heartbeat_s: int) -> None:
+    """Prints, unless ``done`` soon, that the exit waits for the others and what a death looks like."""
+    t0 = time.monotonic()
+    if done.wait(_EXIT_REPORT_S):
+        return
+    _say(f"{me} is waiting at exit for the other processes to shut down. If one died, "
+         f"JAX ends this process within heartbeat_timeout_s={heartbeat_s} s ({_HEARTBEAT_KEY}) "
+         "with 'Task K heartbeat timeout' or 'tasks are unhealthy (stopped sending "
+         "heartbeats): K', K being the process id of the one that died.")
+    while not done.wait(_EXIT_REPORT_EVERY_S):
+        _say(f"{me} still waiting at exit ({time.monotonic() - t0:.0f} s)")
+
+
+def _report_slow_exit(me: str, heartbeat_s: int) -> None:
+    """At exit, before JAX's own shutdown barrier: say why the process may hang there."""
+    if not jax.distributed.is_initialized():
+        return
+    # Daemon thread: it dies with the process, so it never delays a healthy exit.
+    threading.Thread(target=_watch_exit, args=(threading.Event(), me, heartbeat_s),
+                     name="x2jax-exit-report", daemon=True).start()
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
     auto_detect: bool = False,
+    initialization_timeout_s: int = 300,
+    heartbeat_timeout_s: int = 100,
 ) -> bool:
     """Starts ``jax.distributed`` for multi-host runs; a no-op for one process.
 
@@ -99,6 +206,14 @@ def initialize_distributed(
     missing values left to JAX's cluster detection (TPU pod slices, SLURM,
     Open MPI, ...).
 
+    While it waits for the other processes it prints a progress line on
+    stderr (after 5 s, then every 10 s). ``initialization_timeout_s`` bounds
+    that wait; ``heartbeat_timeout_s`` is how long a process that died (or
+    stopped sending heartbeats) goes unnoticed once running: JAX then ends the
+    others. On timeout JAX 0.10 aborts the process itself (after a 5 s grace),
+    so the clear message is printed first; a JAX that raises instead gets
+    ``PeerTimeoutError``. See docs/parallel.md, "When a process is missing".
+
     Must run before anything touches ``jax.devices()``.
 
     Returns:
@@ -106,8 +221,12 @@ def initialize_distributed(
 
     Raises:
       ValueError: for a partial or inconsistent setting (e.g. 2 processes and
-        no coordinator address, or a process id out of range).
+        no coordinator address, a process id out of range, a timeout < 1 s).
+      PeerTimeoutError: JAX raised DEADLINE_EXCEEDED while waiting for peers.
     """
+    initialization_timeout_s = _whole_seconds("initialization_timeout_s",
+                                              initialization_timeout_s)
+    heartbeat_timeout_s = _whole_seconds("heartbeat_timeout_s", heartbeat_timeout_s)
     if coordinator_address is None:
         coordinator_address = os.environ.get(ENV_COORDINATOR) or None
     if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
@@ -132,21 +251,53 @@ def initialize_distributed(
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(
             f"initialize_distributed: process_id={process_id} outside [0, {num_processes})")
-    _log.info("jax.distributed.initialize(%s, %s, %s)", coordinator_address, num_processes,
-              process_id)
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    _log.info("jax.distributed.initialize(%s, %s, %s, initialization_timeout=%d, "
+              "heartbeat_timeout_seconds=%d)", coordinator_address, num_processes, process_id,
+              initialization_timeout_s, heartbeat_timeout_s)
+    me, others, where = _describe(coordinator_address, num_processes, process_id)
+    done = threading.Event()
+    t0 = time.monotonic()
+    watchdog = threading.Thread(
+        target=_watch_initialization, name="x2jax-init-watchdog", daemon=True,
+        args=(done, t0, me, others, where, num_processes, initialization_timeout_s))
+    watchdog.start()
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=initialization_timeout_s,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+    except Exception as e:
+        if "DEADLINE_EXCEEDED" in str(e) or "Deadline Exceeded" in str(e):
+            raise PeerTimeoutError(_timeout_message(
+                me, others, where, num_processes, initialization_timeout_s)) from e
+        raise
+    finally:
+        done.set()
+        watchdog.join()
+    elapsed = time.monotonic() - t0
+    if elapsed >= _FIRST_REPORT_S:
+        late = (f" (past initialization_timeout_s={initialization_timeout_s} s, in JAX's grace)"
+                if elapsed >= initialization_timeout_s else "")
+        _say(f"{me}: all processes joined at {where} after {elapsed:.0f} s{late}")
+    global _exit_report_registered
+    if jax.distributed.is_initialized() and not _exit_report_registered:
+        # Registered after JAX's own atexit hook, so it runs before JAX's shutdown barrier.
+        atexit.register(_report_slow_exit, me, heartbeat_timeout_s)
+        _exit_report_registered = True
     return True
 
 
 def initialize_distributed_from_config(config: Mapping[str, Any] | Any) -> bool:
     """``initialize_distributed`` from a config with optional fields
-    ``coordinator_address``, ``num_processes``, ``process_id``, ``auto_detect``."""
+    ``coordinator_address``, ``num_processes``, ``process_id``, ``auto_detect``,
+    ``initialization_timeout_s`` (300) and ``heartbeat_timeout_s`` (100)."""
     get = (config.get if isinstance(config, Mapping) or hasattr(config, "get")
            else lambda k, d: getattr(config, k, d))
     return initialize_distributed(
         get("coordinator_address", None), get("num_processes", None),
-        get("process_id", None), auto_detect=bool(get("auto_detect", False)))
+        get("process_id", None), auto_detect=bool(get("auto_detect", False)),
+        initialization_timeout_s=get("initialization_timeout_s", 300),
+        heartbeat_timeout_s=get("heartbeat_timeout_s", 100))
 
 
 def mesh_axis_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:

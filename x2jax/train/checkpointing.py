@@ -14,22 +14,29 @@ Orbax writes each step into a temporary directory and renames it when complete;
 the previous checkpoint. Saves are asynchronous (the device-to-host copy
 happens before ``save`` returns, so the donated state can be reused at once).
 
-Preemption: :class:`PreemptionWatcher` turns SIGTERM (and, on multi-host runs,
-JAX's preemption sync point) into a flag the loop checks after each step; the
-loop then saves, waits for the save and exits cleanly.
+Preemption: :class:`PreemptionWatcher` turns SIGTERM and SIGINT (and, on
+multi-host runs, JAX's preemption sync point) into a flag the loop checks after
+each step; the loop then saves, waits for the save and exits cleanly. A signal
+while the loop waits for data ends the run at once, saving nothing new.
+
+Corruption: :meth:`Checkpointer.restore_newest` moves a step that does not
+restore aside to ``corrupt-<step>`` and falls back to the next older one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from x2jax.models.registry import abstract_variables, get_model
@@ -73,6 +80,42 @@ def model_kwargs(description: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in description.items()}
 
 
+T = TypeVar("T")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written by another run (another model, loss, batch, seed, schedule, ...)."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """Checkpoints exist but none of them can be read."""
+
+
+def move_aside(directory: str | os.PathLike, step: int) -> Path:
+    """Renames ``<directory>/<step>`` to ``corrupt-<step>`` (``corrupt-<step>.1``, ... if taken)."""
+    directory = Path(directory)
+    target, k = directory / f"corrupt-{step}", 0
+    while target.exists():
+        k += 1
+        target = directory / f"corrupt-{step}.{k}"
+    shutil.move(str(directory / str(step)), str(target))
+    return target
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
 class Checkpointer:
     """CheckpointManager for ``state`` + ``data`` + ``meta`` items."""
 
@@ -99,6 +142,60 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def restore_newest(self, attempt: Callable[[int], T], *, below: int | None = None) -> tuple[int, T] | None:
+        """``(step, attempt(step))`` for the newest step on which ``attempt`` succeeds.
+
+        A step whose ``attempt`` raises (a missing or truncated file, broken meta
+        JSON, ...) is reported in one line and moved aside to
+        ``corrupt-<step>`` (never deleted); the next older step is tried.
+        :class:`CheckpointMismatchError` (a checkpoint of another run) is not
+        corruption and propagates. In a multi-process run the processes agree:
+        a step fails if it fails on any of them, and process 0 moves it.
+
+        Args:
+          attempt: reads one step; its exceptions mark the step corrupt.
+          below: only try steps ``<= below``.
+
+        Returns:
+          None when there is no checkpoint at all.
+
+        Raises:
+          CheckpointCorruptError: checkpoints exist but none restores.
+        """
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if below is not None and step > below:
+                continue
+            try:
+                result, error = attempt(step), None
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # pylint: disable=broad-except  (any failure to read marks the step)
+                result, error = None, e
+            if _all_processes_ok(error is None):
+                return step, result
+            reason = _one_line(error) if error is not None else "failed to restore on another process"
+            moved = self._move_aside(step)
+            failures.append(f"step {step}: {reason}")
+            if jax.process_index() == 0:
+                print(f"checkpoint {self.directory / str(step)} does not restore ({reason}); "
+                      f"moved to {moved}, trying the next older step", flush=True)
+        if failures:
+            raise CheckpointCorruptError(
+                f"no checkpoint in {self.directory} restores (each was moved aside to corrupt-<step>): "
+                + "; ".join(failures) + ". Delete the checkpoints directory to start afresh."
+            )
+        return None
+
+    def _move_aside(self, step: int) -> Path:
+        target = move_aside(self.directory, step) if jax.process_index() == 0 else self.directory / f"corrupt-{step}"
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices(f"x2jax_move_aside_{step}")
+        self.manager.reload()
+        return target
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> bool:
         """Save if ``step`` is on the interval (or ``force``); True if a save started."""
@@ -184,12 +281,22 @@ def restore_backbone(checkpoint_dir: str | os.PathLike, abstract_variables: Any,
     return step, {"params": restored["params"]["backbone"], "batch_stats": restored["batch_stats"]}
 
 
+class RunInterrupted(Exception):
+    """A stop signal arrived inside :meth:`PreemptionWatcher.interruptible` (e.g. waiting for data)."""
+
+
 class PreemptionWatcher:
-    """Sets ``requested`` on SIGTERM (or SIGINT when ``catch_sigint``); restores handlers on close."""
+    """Sets ``requested`` on SIGTERM (or SIGINT when ``catch_sigint``); restores handlers on close.
+
+    Inside ``with watcher.interruptible():`` a signal also raises
+    :class:`RunInterrupted` at once, for waits that may never end (a loader
+    with no usable record). A second SIGINT raises ``KeyboardInterrupt``.
+    """
 
     def __init__(self, catch_sigint: bool = False):
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}
+        self._interruptible = False
         self.signal_name: str | None = None
         if threading.current_thread() is not threading.main_thread():
             return  # signals can only be caught on the main thread
@@ -199,8 +306,23 @@ class PreemptionWatcher:
 
     def _handle(self, signum, frame) -> None:
         del frame
+        if signum == signal.SIGINT and self._event.is_set():
+            raise KeyboardInterrupt  # the second Ctrl-C does not wait for the step
         self.signal_name = signal.Signals(signum).name
         self._event.set()
+        if self._interruptible:
+            raise RunInterrupted(self.signal_name)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A block that a stop signal ends with :class:`RunInterrupted` (also if one came before)."""
+        if self.requested:
+            raise RunInterrupted(self.signal_name)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     @property
     def requested(self) -> bool:
@@ -212,6 +334,17 @@ class PreemptionWatcher:
         self._previous.clear()
 
 
+def finished_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
+    """The finished checkpoint steps under ``checkpoint_dir``, newest first."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))
+    steps = sorted(manager.all_steps(), reverse=True)
+    manager.close()
+    return steps
+
+
 def load_backbone(path: str | os.PathLike, step: int | None = None, **overrides: Any) -> tuple[Any, Any, dict[str, Any]]:
     """``(module, variables, info)`` of a training run's backbone (latest step by default).
 
@@ -220,13 +353,35 @@ def load_backbone(path: str | os.PathLike, step: int | None = None, **overrides:
     model description plus ``format``, ``step``, ``num_classes`` and, for runs on
     synthetic data, ``synthetic`` (the data config that names the held-out set).
     ``overrides`` change runtime fields of the model (``dtype``, ``conv_impl``).
+
+    Without ``step``, a latest step that does not read (truncated file, broken
+    meta) is reported in one line and the next older one is read; nothing is
+    moved, since a training run may own the directory. With ``step``, that step
+    or a clear error.
     """
     path = Path(path)
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    step, meta = read_meta(directory, step)
     bad = set(overrides) - {"dtype", "conv_impl"}
     if bad:
         raise ValueError(f"load_backbone can override only dtype and conv_impl, got {sorted(bad)}")
+    steps = [step] if step is not None else finished_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    failures = []
+    for s in steps:
+        try:
+            return _load_backbone_step(directory, s, overrides)
+        except Exception as e:  # pylint: disable=broad-except  (any failure to read marks the step)
+            failures.append(f"step {s}: {_one_line(e)}")
+            if step is not None:
+                break
+            print(f"checkpoint {directory / str(s)} does not restore ({_one_line(e)}); trying the next older step",
+                  flush=True)
+    raise CheckpointCorruptError(f"no checkpoint in {directory} restores: " + "; ".join(failures))
+
+
+def _load_backbone_step(directory: Path, step: int, overrides: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    _, meta = read_meta(directory, step)
     module = build_model(dict(meta["model"], **overrides))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(

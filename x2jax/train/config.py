@@ -24,6 +24,11 @@ import ml_collections
 from x2jax import losses
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot run, named with its key."""
+
 DATASETS = ("synthetic", "insightface_rec", "image_folder", "tfds")
 
 
@@ -86,8 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 0.0
     # num_devices: use the first N devices (0 = all), e.g. to resume on fewer devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, num_devices=0, param_sharding="replicate"))
+    # Multi-host: initialization_timeout_s bounds the wait for every process to join;
+    # heartbeat_timeout_s how long a silent (dead) peer goes unnoticed once running.
     c.distributed = ml_collections.ConfigDict(
-        dict(coordinator_address="", num_processes=0, process_id=-1, auto_detect=False)
+        dict(coordinator_address="", num_processes=0, process_id=-1, auto_detect=False,
+             initialization_timeout_s=300, heartbeat_timeout_s=100)
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
     c.log_every_steps = 50
@@ -95,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 'synthetic' (held-out synthetic identities) or .bin names (lfw, cfp_fp, ...) under data_dir.
     c.eval = ml_collections.ConfigDict(dict(every_steps=0, sets="synthetic", data_dir="", batch_size=256))
     c.on_nonfinite = "stop"  # 'stop' (error naming the step) or 'skip' (the step changes nothing)
+    # A resume whose loss, batch size, seed, optimizer, schedule or data differ from the
+    # checkpoint's run: 'error', or 'allow' (a deliberate change, listed when it resumes).
+    c.resume_mismatch = "error"
     c.compilation_cache_dir = "~/.cache/x2jax/jax_cache"  # "" disables the persistent cache
     c.debug = ml_collections.ConfigDict(dict(sigterm_at_step=-1, nan_at_step=-1, bad_label_at_step=-1))
     c.lock()
@@ -134,10 +145,10 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     finally:
         sys.path.remove(str(file.parent.absolute()))
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {file} has no get_config()")
+        raise ConfigError(f"config file {file} has no get_config()")
     config = module.get_config(arg) if arg is not None else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
-        raise TypeError(f"{file}: get_config() must return an ml_collections.ConfigDict")
+        raise ConfigError(f"{file}: get_config() must return an ml_collections.ConfigDict")
     return config
 
 
@@ -147,13 +158,20 @@ def _parse_like(text: str, current: Any, key: str) -> Any:
             return True
         if text.lower() in ("0", "false", "no"):
             return False
-        raise ValueError(f"--config.{key}: expected a boolean, got {text!r}")
-    if isinstance(current, (int, float)):
+        raise ConfigError(f"--config.{key}: expected a boolean, got {text!r}")
+    if isinstance(current, int):
         try:
-            value = type(current)(ast.literal_eval(text)) if isinstance(current, int) else float(text)
+            value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            raise ValueError(f"--config.{key}: expected {type(current).__name__}, got {text!r}") from None
+            value = None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"--config.{key}: expected an integer, got {text!r}")
         return value
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}: expected a number, got {text!r}") from None
     if isinstance(current, (tuple, list)):
         try:
             value = ast.literal_eval(text)
@@ -167,7 +185,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     """Apply ``key.sub=value`` strings; unknown keys raise naming the known ones."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"config override {item!r} must look like key.sub=value")
+            raise ConfigError(f"config override {item!r} must look like key.sub=value")
         key, text = item.split("=", 1)
         parts = key.split(".")
         node = config
@@ -178,7 +196,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 where = ".".join(parts[:i]) or "<top level>"
                 known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise ValueError(f"unknown config key {key!r}: {where} has no {part!r} (known: {', '.join(known)})")
+                raise ConfigError(f"unknown config key {key!r}: {where} has no {part!r} (known: {', '.join(known)})")
             if i < len(parts) - 1:
                 node = node[part]
         last = parts[-1]
@@ -198,68 +216,111 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in schema:
-            raise ValueError(f"unknown config key {name!r} (known: {', '.join(sorted(schema.keys()))})")
+            raise ConfigError(f"unknown config key {name!r} (known: {', '.join(sorted(schema.keys()))})")
         if isinstance(schema[key], ml_collections.ConfigDict) and key != "params":
             if not isinstance(config[key], ml_collections.ConfigDict):
-                raise ValueError(f"config key {name!r} must be a group of keys")
+                raise ConfigError(f"config key {name!r} must be a group of keys")
             _check_keys(config[key], schema[key], name + ".")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check a config without touching devices; raises ``ValueError`` naming the key."""
-    from x2jax.models.registry import NAMES as MODEL_NAMES  # noqa: PLC0415 (keeps losses import light)
+    from x2jax.models.layers import CONV_IMPLS  # noqa: PLC0415 (keeps losses import light)
+    from x2jax.models.registry import NAMES as MODEL_NAMES  # noqa: PLC0415
+    from x2jax.train.optimizer import OPTIMIZERS, SCHEDULES  # noqa: PLC0415
 
     _check_keys(config, base_config())
     d, m, lo = config.data, config.model, config.loss
     if d.name not in DATASETS:
-        raise ValueError(f"data.name must be one of {DATASETS}, got {d.name!r}")
+        raise ConfigError(f"data.name must be one of {DATASETS}, got {d.name!r}")
     if d.name != "synthetic":
         if not d.path:
-            raise ValueError(f"data.path is required for data.name={d.name!r}")
+            raise ConfigError(f"data.path is required for data.name={d.name!r}")
         if d.name != "tfds" and not Path(os.path.expanduser(d.path)).exists():
-            raise ValueError(f"data.path {d.path!r} does not exist")
+            raise ConfigError(f"data.path {d.path!r} does not exist")
     if d.batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
+        raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
     if d.on_corrupt not in ("skip", "raise"):
-        raise ValueError(f"data.on_corrupt must be 'skip' or 'raise', got {d.on_corrupt!r}")
+        raise ConfigError(f"data.on_corrupt must be 'skip' or 'raise', got {d.on_corrupt!r}")
     if m.name not in MODEL_NAMES:
-        raise ValueError(f"model.name {m.name!r} unknown; known: {', '.join(MODEL_NAMES)}")
+        raise ConfigError(f"model.name {m.name!r} unknown; known: {', '.join(MODEL_NAMES)}")
     if m.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+        raise ConfigError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+    if m.conv_impl not in CONV_IMPLS:
+        raise ConfigError(f"model.conv_impl must be one of {sorted(CONV_IMPLS)}, got {m.conv_impl!r}")
+    if config.schedule.name not in SCHEDULES:
+        raise ConfigError(f"schedule.name must be one of {SCHEDULES}, got {config.schedule.name!r}")
+    if config.optimizer.name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name must be one of {OPTIMIZERS}, got {config.optimizer.name!r}")
+    if config.resume_mismatch not in ("error", "allow"):
+        raise ConfigError(f"resume_mismatch must be 'error' or 'allow', got {config.resume_mismatch!r}")
+    if config.mesh.num_devices < 0:
+        raise ConfigError(f"mesh.num_devices must be >= 0 (0 = all devices), got {config.mesh.num_devices}")
+    d_ = config.distributed
+    if d_.initialization_timeout_s < 1 or d_.heartbeat_timeout_s < 1:
+        raise ConfigError("distributed.initialization_timeout_s and distributed.heartbeat_timeout_s must be >= 1 s, "
+                         f"got {d_.initialization_timeout_s} and {d_.heartbeat_timeout_s}")
     margin_fn = losses.get(lo.name)
     accepted = set(inspect.signature(margin_fn).parameters) - {"cosine", "labels", "rng", "norms"}
     accepted -= set(losses.initial_state(lo.name))
     unknown = set(lo.params.keys()) - accepted
     if unknown:
-        raise ValueError(f"loss.params {sorted(unknown)} not accepted by {lo.name}; accepted: {sorted(accepted)}")
+        raise ConfigError(f"loss.params {sorted(unknown)} not accepted by {lo.name}; accepted: {sorted(accepted)}")
     if not 0.0 < lo.sample_rate <= 1.0:
-        raise ValueError(f"loss.sample_rate must be in (0, 1], got {lo.sample_rate}")
+        raise ConfigError(f"loss.sample_rate must be in (0, 1], got {lo.sample_rate}")
     if lo.sample_rate < 1.0 and config.optimizer.accumulate_steps > 1:
-        raise ValueError("loss.sample_rate < 1 with optimizer.accumulate_steps > 1 is not supported")
+        raise ConfigError("loss.sample_rate < 1 with optimizer.accumulate_steps > 1 is not supported")
     if (config.num_steps > 0) == (config.num_epochs > 0):
-        raise ValueError(f"set exactly one of num_steps ({config.num_steps}) and num_epochs ({config.num_epochs})")
+        raise ConfigError(f"set exactly one of num_steps ({config.num_steps}) and num_epochs ({config.num_epochs})")
     if config.num_steps > 0 and not 0 <= config.schedule.warmup_steps < config.num_steps:
-        raise ValueError(f"schedule.warmup_steps={config.schedule.warmup_steps} must be in "
+        raise ConfigError(f"schedule.warmup_steps={config.schedule.warmup_steps} must be in "
                          f"[0, num_steps={config.num_steps})")
     if config.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
+        raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
     if config.mesh.param_sharding not in ("replicate", "fsdp"):
-        raise ValueError(f"mesh.param_sharding must be 'replicate' or 'fsdp', got {config.mesh.param_sharding!r}")
+        raise ConfigError(f"mesh.param_sharding must be 'replicate' or 'fsdp', got {config.mesh.param_sharding!r}")
     if config.log_every_steps < 1 or config.checkpoint.every_steps < 1:
-        raise ValueError("log_every_steps and checkpoint.every_steps must be >= 1")
+        raise ConfigError("log_every_steps and checkpoint.every_steps must be >= 1")
     for name in (s.strip() for s in config.eval.sets.split(",") if s.strip()):
         if name != "synthetic":
             root = Path(os.path.expanduser(config.eval.data_dir or ""))
             if not (root / f"{name}.bin").is_file():
-                raise ValueError(f"eval set {name!r}: {root / (name + '.bin')} not found (set eval.data_dir)")
+                raise ConfigError(f"eval set {name!r}: {root / (name + '.bin')} not found (set eval.data_dir)")
+
+
+# What a resume must agree on with the checkpoint's run (besides the model and class count).
+# The run length (num_steps / num_epochs) may grow; data paths and loader settings may move.
+RESUME_KEYS = (
+    "seed", "loss", "optimizer", "schedule", "data.name", "data.variant", "data.batch_size", "data.flip",
+    "data.num_identities", "data.images_per_identity", "data.image_size",
+)
+
+
+def resume_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """``"key: saved -> now"`` for each :data:`RESUME_KEYS` entry where a checkpoint's config differs.
+
+    ``saved`` is the checkpoint's config as JSON (keys it lacks are not compared).
+    """
+    import json  # noqa: PLC0415
+
+    now = json.loads(config.to_json())
+    diffs = []
+    for key in RESUME_KEYS:
+        a, b, present = saved, now, True
+        for part in key.split("."):
+            present = present and isinstance(a, dict) and part in a
+            a, b = (a.get(part) if isinstance(a, dict) else None), b[part]
+        if present and a != b:
+            diffs.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return diffs
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, *, batch_shards: int, process_count: int) -> None:
     """Checks that need the mesh: the global batch splits over devices and processes."""
     b = config.data.batch_size
     if b % batch_shards:
-        raise ValueError(f"data.batch_size={b} is not divisible by the {batch_shards} devices of the batch axis")
+        raise ConfigError(f"data.batch_size={b} is not divisible by the {batch_shards} devices of the batch axis")
     if b % process_count:
-        raise ValueError(f"data.batch_size={b} is not divisible by the {process_count} processes")
+        raise ConfigError(f"data.batch_size={b} is not divisible by the {process_count} processes")
     if config.eval.batch_size % batch_shards:
-        raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by {batch_shards} devices")
+        raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by {batch_shards} devices")

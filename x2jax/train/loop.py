@@ -20,15 +20,21 @@ import jax
 import ml_collections
 import numpy as np
 
+from x2jax.data.pipeline import NoUsableRecordsError
+from x2jax.data.sources import EmptyDatasetError
+from x2jax.data.verification_bin import UnsafePickleError
 from x2jax.evaluation.verification import embed_images, verification_accuracy
 from x2jax.models.io import save_model
-from x2jax.parallel.mesh import initialize_distributed, make_mesh, mesh_axis_size
+from x2jax.parallel.mesh import PeerTimeoutError, initialize_distributed, make_mesh, mesh_axis_size
 from x2jax.parallel.sharding import ShardingRules, host_local_to_global
 from x2jax.train import config as config_lib
 from x2jax.train import inputs
 from x2jax.train.checkpointing import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
     Checkpointer,
     PreemptionWatcher,
+    RunInterrupted,
     build_model,
     model_description,
     model_kwargs,
@@ -39,6 +45,7 @@ from x2jax.train.metrics import MetricWriter, Progress, format_duration
 from x2jax.train.optimizer import make_optimizer, make_schedule
 from x2jax.train.state import make_state_factory
 from x2jax.train.step import AheadOfTimeStep, batch_spec, make_train_step
+from x2jax.train.workdir_lock import WorkdirInUseError, WorkdirLock
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -47,6 +54,13 @@ class NonFiniteLossError(FloatingPointError):
 
 class BadLabelError(ValueError):
     """A training batch held a label outside [0, num_classes)."""
+
+
+# Errors that name what to fix: train.py prints their message alone, without a traceback.
+USER_ERRORS = (
+    config_lib.ConfigError, FileNotFoundError, WorkdirInUseError, CheckpointMismatchError, CheckpointCorruptError,
+    BadLabelError, NonFiniteLossError, EmptyDatasetError, NoUsableRecordsError, UnsafePickleError, PeerTimeoutError,
+)
 
 
 def _say(message: str) -> None:
@@ -98,7 +112,14 @@ def run_verification(apply_fn, variables, sets, *, batch_size: int, mesh) -> dic
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Train (or resume) according to ``config``; returns a summary dict."""
+    """Train (or resume) according to ``config``; returns a summary dict.
+
+    Raises:
+      WorkdirInUseError: another live run holds ``workdir``.
+      CheckpointMismatchError: the checkpoint was written by another run (see
+        ``config.resume_mismatch``).
+      CheckpointCorruptError: checkpoints exist but none restores.
+    """
     t_enter = time.perf_counter()
     config_lib.validate(config)
     workdir = Path(workdir)
@@ -108,10 +129,43 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         d.num_processes or None,
         d.process_id if d.process_id >= 0 else None,
         auto_detect=d.auto_detect,
+        initialization_timeout_s=d.initialization_timeout_s,
+        heartbeat_timeout_s=d.heartbeat_timeout_s,
     )
+    lock = _lock_workdir(workdir)
+    try:
+        return _train_locked(config, workdir, t_enter)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_workdir(workdir: Path) -> WorkdirLock | None:
+    """Process 0 takes the workdir lock; every process learns whether it got it."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir).acquire()
+        except WorkdirInUseError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        held = bool(multihost_utils.broadcast_one_to_all(np.int32(lock is not None)))
+        if not held and error is None:
+            error = WorkdirInUseError(f"workdir {workdir} is in use by another run (process 0 could not lock it)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: Path, t_enter: float) -> dict[str, Any]:
     setup_compilation_cache(config.compilation_cache_dir)
 
     # ---- mesh -----------------------------------------------------------------------
+    if config.mesh.num_devices > jax.device_count():
+        raise config_lib.ConfigError(f"mesh.num_devices={config.mesh.num_devices} but only {jax.device_count()} device(s) "
+                         f"are available ({jax.devices()[0].platform})")
     devices = jax.devices()[: config.mesh.num_devices] if config.mesh.num_devices > 0 else None
     mesh = make_mesh(data=config.mesh.data, model=config.mesh.model, devices=devices)
     rules = ShardingRules()
@@ -153,18 +207,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         float16=float16, rules=rules,
     )
 
-    # ---- checkpoint: one to resume, and of this model? (before any compile starts) -----------------
+    # ---- checkpoint: one to resume, and of this run? (before any compile starts) -----------------
     ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        _, saved = read_meta(workdir / "checkpoints", latest)
-        if not same_model(saved["model"], description) or saved["num_classes"] != num_classes:
-            ckpt.close()
-            raise ValueError(
-                f"checkpoint {workdir / 'checkpoints' / str(latest)} was written for model {saved['model']} "
-                f"with {saved['num_classes']} classes; this config has {description} with {num_classes}"
-            )
+    def read_resumable_meta(step: int) -> dict:
+        _, saved = read_meta(workdir / "checkpoints", step)
+        _check_resumable(workdir / "checkpoints" / str(step), saved, config, description, num_classes)
+        return saved
+    try:
+        found = ckpt.restore_newest(read_resumable_meta)
+    except Exception:
+        ckpt.close()
+        raise
+    latest = found[0] if found else None
 
     # Compiles (or loads from the persistent cache) in a background thread while the
     # loader starts, the state is created or restored and the step-0 evaluation runs.
@@ -182,18 +237,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         "process_count": jax.process_count(),
     }
 
-    # ---- state: restore or create -------------------------------------------------------------
+    # ---- state: restore (falling back past corrupt steps) or create ------------------------------
     if latest is not None:
-        state, iterator, saved = ckpt.restore(latest, abstract_state, iterator)
+        def restore(step: int):
+            read_resumable_meta(step)  # again: an older step may be of another run
+            return ckpt.restore(step, abstract_state, iterator)
+        try:
+            latest, (state, iterator, saved) = ckpt.restore_newest(restore, below=latest)
+        except Exception:
+            ckpt.close()
+            raise
         _say(f"resumed from step {latest} (saved on mesh {saved['mesh']})")
     else:
         state = create_state(jax.random.PRNGKey(config.seed))
     step = int(jax.device_get(state.step))
 
     # ---- loop -----------------------------------------------------------------------------
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, start_step=step)  # replayed steps' lines are dropped
     progress = Progress(total_steps, step, config.data.batch_size)
-    watcher = PreemptionWatcher()
+    watcher = PreemptionWatcher(catch_sigint=True)
     def eval_apply(variables, images):  # one function object: the eval embedding compiles once
         return model.apply(variables, images, train=False)
 
@@ -208,7 +270,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         _report_eval(0, results, best, writer, workdir, variables, description, summary, track_best=False)
     try:
         while step < total_steps:
-            batch = next(iterator)
+            try:
+                with watcher.interruptible():  # a signal while waiting for data ends the run here
+                    batch = next(iterator)
+            except RunInterrupted:
+                ckpt.wait()
+                summary["preempted"] = True
+                _say(f"{watcher.signal_name} received while waiting for data for step {step + 1}: nothing new "
+                     f"saved, the latest checkpoint (step {ckpt.latest_step()}) is intact; exiting")
+                break
             batch = _inject_debug(config, step, batch, num_classes)
             t0 = time.perf_counter()
             state, metrics = train_step(state, host_local_to_global(batch, mesh, rules))
@@ -266,6 +336,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if not summary["preempted"]:
         _say(f"done: {step} steps in {format_duration(summary['seconds'])}; checkpoints in {workdir / 'checkpoints'}")
     return summary
+
+
+def _check_resumable(path: Path, saved: dict, config, description: dict, num_classes: int) -> None:
+    """The checkpoint's run computes what this config computes (or the difference is allowed)."""
+    if not same_model(saved["model"], description) or saved["num_classes"] != num_classes:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written for model {saved['model']} with {saved['num_classes']} classes; "
+            f"this config has {description} with {num_classes}"
+        )
+    diffs = config_lib.resume_differences(saved.get("config", {}), config)
+    if diffs and config.resume_mismatch != "allow":
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written by a run with other settings: {'; '.join(diffs)}. Use the "
+            "checkpoint's settings, another --workdir, or --config.resume_mismatch=allow to change them deliberately"
+        )
+    if diffs:
+        _say(f"resuming {path} with changed settings (resume_mismatch=allow): {'; '.join(diffs)}")
 
 
 def _backbone_variables(state) -> dict[str, Any]:

@@ -28,18 +28,26 @@ def format_duration(seconds: float) -> str:
 class MetricWriter:
     """Appends scalars to metrics.jsonl and TensorBoard; no-op on processes > 0."""
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, start_step: int = 0, tensorboard: bool = True):
+        """``start_step``: the step the run starts or resumes from. Lines of later
+        steps (written by a run that stopped after its last checkpoint, and about
+        to be replayed) are dropped, so each step is logged once; a fresh run
+        (``start_step=0``) moves an old ``metrics.jsonl`` aside to ``metrics.jsonl.old``."""
         self.active = jax.process_index() == 0
         self._tb = None
         if not self.active:
             return
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        path = workdir / "metrics.jsonl"
+        if path.is_file():
+            _keep_lines_up_to(path, start_step)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            # purge_step: TensorBoard hides the replayed steps' events of the earlier run
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
         if not self.active:
@@ -58,6 +66,23 @@ class MetricWriter:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _keep_lines_up_to(path: Path, start_step: int) -> None:
+    """Rewrites ``path`` (atomically) with the lines of steps ``<= start_step`` (none when 0)."""
+    if start_step == 0:
+        os.replace(path, path.with_name(path.name + ".old"))
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= start_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a killed process
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class Progress:

@@ -8,8 +8,23 @@
 // into the layout oneDNN picks for this CPU ("any") and the weight gradient
 // back into HWIO. Calls are serialised: every primitive already uses all
 // OpenMP threads, and two at once would only oversubscribe the cores.
+//
+// Strided 1x1 weight gradients without padding run as the stride-1 weight
+// gradient of the subsampled input x[:, ::sh, ::sw, :]. oneDNN 3.2 would run
+// them in its jit 1x1 backward-weights kernels (jit_avx512_common_1x1,
+// jit_avx2_1x1), whose "reduce to unit stride" copy of an NHWC source writes
+// spatial block sp of each thread's scratch buffer (is * ic floats, is = OH*OW)
+// at offset sp * ic_block instead of sp * ic: with ic < ic_block (16 floats on
+// AVX-512, 8 on AVX2) the copies run into the next thread's buffer and past the
+// end of the scratchpad, corrupting the heap and oneDNN's reduction barrier
+// (SIGSEGV, free(): invalid pointer, hangs or wrong dW).
+//
+// The conv functions below take plain pointers so that a native driver
+// (scripts/check_onednn_memory.sh) can run them under a memory checker.
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -56,6 +71,11 @@ struct Primitives {
   dnnl::convolution_backward_weights bwd_weights;
   dnnl::reorder bwd_w_reorder;  // bwd_w_pd.diff_weights_desc() -> HWIO
   bool bwd_w_plain = false;
+  // Strided 1x1 weight gradient: x[:, ::sh, ::sw, :] copied into x_sub (NHWC).
+  bool has_subsample = false;
+  memory::desc subsample_view;  // x seen as {N, C, OH, OW} with the strides skipping pixels
+  dnnl::reorder subsample;
+  memory x_sub;
 };
 
 dnnl::engine& engine() {
@@ -71,6 +91,9 @@ std::mutex& call_mutex() {
 memory::desc act_md(const memory::dims& d) { return memory::desc(d, dt::f32, tag::nhwc); }
 memory::desc hwio_md(const memory::dims& d) { return memory::desc(d, dt::f32, tag::hwio); }
 memory::desc any_md(const memory::dims& d) { return memory::desc(d, dt::f32, tag::any); }
+
+// oneDNN takes non-const handles; inputs are only read.
+void* handle(const float* p) { return const_cast<float*>(p); }
 
 Primitives& primitives(const Geometry& g) {
   static std::unordered_map<std::string, std::unique_ptr<Primitives>> cache;
@@ -90,6 +113,114 @@ Primitives& primitives(const Geometry& g) {
   return *slot;
 }
 
+// Kernel as the primitive wants it: the user's HWIO buffer or a reordered copy.
+memory weights_for(dnnl::stream& s, bool plain, dnnl::reorder& r, const memory::desc& want,
+                   const memory::dims& w_dims, const float* w) {
+  memory user(hwio_md(w_dims), engine(), handle(w));
+  if (plain) return user;
+  memory m(want, engine());
+  r.execute(s, user, m);
+  return m;
+}
+
+// The three convolutions on plain NHWC / HWIO buffers of the shapes in g. The
+// caller holds call_mutex() (the primitive cache is not thread-safe).
+
+void conv_forward(const Geometry& g, const float* x, const float* w, float* y) {
+  Primitives& p = primitives(g);
+  dnnl::stream s(engine());
+  memory wm = weights_for(s, p.fwd_w_plain, p.fwd_w_reorder, p.fwd_pd.weights_desc(), g.w, w);
+  memory xm(act_md(g.x), engine(), handle(x));
+  memory ym(act_md(g.y), engine(), y);
+  p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
+  s.wait();
+}
+
+void conv_input_grad(const Geometry& g, const float* dy, const float* w, float* dx) {
+  Primitives& p = primitives(g);
+  if (!p.has_bwd_data) {
+    p.bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+        engine(), dnnl::algorithm::convolution_direct, act_md(g.x), any_md(g.w), act_md(g.y),
+        g.strides, g.pad_l, g.pad_r, p.fwd_pd);
+    p.bwd_data = dnnl::convolution_backward_data(p.bwd_data_pd);
+    p.bwd_data_w_plain = p.bwd_data_pd.weights_desc() == hwio_md(g.w);
+    if (!p.bwd_data_w_plain)
+      p.bwd_data_w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          engine(), hwio_md(g.w), engine(), p.bwd_data_pd.weights_desc()));
+    p.has_bwd_data = true;
+  }
+  dnnl::stream s(engine());
+  memory wm = weights_for(s, p.bwd_data_w_plain, p.bwd_data_w_reorder,
+                          p.bwd_data_pd.weights_desc(), g.w, w);
+  memory dym(act_md(g.y), engine(), handle(dy));
+  memory dxm(act_md(g.x), engine(), dx);
+  p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm},
+                         {DNNL_ARG_DIFF_SRC, dxm}});
+  s.wait();
+}
+
+void weight_grad_direct(const Geometry& g, const float* x, const float* dy, float* dw) {
+  Primitives& p = primitives(g);
+  if (!p.has_bwd_weights) {
+    p.bwd_w_pd = dnnl::convolution_backward_weights::primitive_desc(
+        engine(), dnnl::algorithm::convolution_direct, act_md(g.x), any_md(g.w), act_md(g.y),
+        g.strides, g.pad_l, g.pad_r, p.fwd_pd);
+    p.bwd_weights = dnnl::convolution_backward_weights(p.bwd_w_pd);
+    p.bwd_w_plain = p.bwd_w_pd.diff_weights_desc() == hwio_md(g.w);
+    if (!p.bwd_w_plain)
+      p.bwd_w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          engine(), p.bwd_w_pd.diff_weights_desc(), engine(), hwio_md(g.w)));
+    p.has_bwd_weights = true;
+  }
+  dnnl::stream s(engine());
+  memory xm(act_md(g.x), engine(), handle(x));
+  memory dym(act_md(g.y), engine(), handle(dy));
+  memory user(hwio_md(g.w), engine(), dw);
+  memory dwm = p.bwd_w_plain ? user : memory(p.bwd_w_pd.diff_weights_desc(), engine());
+  p.bwd_weights.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
+                            {DNNL_ARG_DIFF_WEIGHTS, dwm}});
+  if (!p.bwd_w_plain) p.bwd_w_reorder.execute(s, dwm, user);
+  s.wait();
+}
+
+// A 1x1 kernel with a stride and no padding: the case oneDNN's jit 1x1 kernels
+// "reduce to unit stride" (see the top of this file).
+bool strided_1x1(const Geometry& g) {
+  bool unpadded = true;
+  for (auto v : g.pad_l) unpadded = unpadded && v == 0;
+  for (auto v : g.pad_r) unpadded = unpadded && v == 0;
+  return g.w[2] == 1 && g.w[3] == 1 && (g.strides[0] != 1 || g.strides[1] != 1) && unpadded;
+}
+
+void conv_weight_grad(const Geometry& g, const float* x, const float* dy, float* dw) {
+  if (!strided_1x1(g)) return weight_grad_direct(g, x, dy, dw);
+  // dW[0, 0, c, o] = sum_{b,i,j} x[b, i*sh, j*sw, c] dy[b, i, j, o]: the stride-1
+  // weight gradient of x_sub[b, i, j, c] = x[b, i*sh, j*sw, c].
+  const memory::dim n = g.x[0], c = g.x[1], h = g.x[2], w = g.x[3];
+  Geometry sub = g;
+  sub.x = {n, c, g.y[2], g.y[3]};
+  sub.strides = {1, 1};
+  if (n == 0) {  // no pixels: dW = 0 (oneDNN rejects an empty reorder source)
+    std::fill(dw, dw + c * g.w[0], 0.0f);
+    return;
+  }
+  Primitives& p = primitives(g);
+  if (!p.has_subsample) {
+    p.subsample_view = memory::desc(sub.x, dt::f32,
+                                    memory::dims{h * w * c, 1, g.strides[0] * w * c,
+                                                 g.strides[1] * c});
+    p.subsample = dnnl::reorder(dnnl::reorder::primitive_desc(
+        engine(), p.subsample_view, engine(), act_md(sub.x)));
+    p.x_sub = memory(act_md(sub.x), engine());
+    p.has_subsample = true;
+  }
+  dnnl::stream s(engine());
+  memory view(p.subsample_view, engine(), handle(x));
+  p.subsample.execute(s, view, p.x_sub);
+  s.wait();
+  weight_grad_direct(sub, static_cast<const float*>(p.x_sub.get_data_handle()), dy, dw);
+}
+
 // x2jax passes NHWC / HWIO buffers; oneDNN's logical dims are NCHW / OIHW.
 Geometry geometry(ffi::Span<const int64_t> x_nhwc, ffi::Span<const int64_t> w_hwio,
                   ffi::Span<const int64_t> y_nhwc, ffi::Span<const int64_t> strides,
@@ -104,7 +235,10 @@ Geometry geometry(ffi::Span<const int64_t> x_nhwc, ffi::Span<const int64_t> w_hw
   return g;
 }
 
-ffi::Error check_attrs(ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+ffi::Error check_args(std::initializer_list<size_t> ranks, ffi::Span<const int64_t> strides,
+                      ffi::Span<const int64_t> padding) {
+  for (size_t r : ranks)
+    if (r != 4) return ffi::Error::InvalidArgument("x2jax onednn conv: operands must be rank 4");
   if (strides.size() != 2 || padding.size() != 4)
     return ffi::Error::InvalidArgument("x2jax onednn conv: strides must have 2 and padding 4 entries");
   return ffi::Error::Success();
@@ -123,89 +257,39 @@ ffi::Error guarded(F&& body) {
   }
 }
 
-// Kernel as the primitive wants it: the user's HWIO buffer or a reordered copy.
-memory weights_for(dnnl::stream& s, bool plain, dnnl::reorder& r, const memory::desc& want,
-                   const memory::dims& w_dims, float* w) {
-  memory user(hwio_md(w_dims), engine(), w);
-  if (plain) return user;
-  memory m(want, engine());
-  r.execute(s, user, m);
-  return m;
-}
-
 ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
                        ffi::Span<const int64_t> padding) {
-  if (auto e = check_attrs(strides, padding); e.failure()) return e;
+  auto e = check_args({x.dimensions().size(), w.dimensions().size(), y->dimensions().size()},
+                      strides, padding);
+  if (e.failure()) return e;
   return guarded([&] {
-    Geometry g = geometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, padding);
-    Primitives& p = primitives(g);
-    dnnl::stream s(engine());
-    memory wm = weights_for(s, p.fwd_w_plain, p.fwd_w_reorder, p.fwd_pd.weights_desc(), g.w,
-                            w.typed_data());
-    memory xm(act_md(g.x), engine(), x.typed_data());
-    memory ym(act_md(g.y), engine(), y->typed_data());
-    p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
-    s.wait();
+    conv_forward(geometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, padding),
+                 x.typed_data(), w.typed_data(), y->typed_data());
   });
 }
 
 ffi::Error ConvInputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                          ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
                          ffi::Span<const int64_t> padding) {
-  if (auto e = check_attrs(strides, padding); e.failure()) return e;
+  auto e = check_args({dy.dimensions().size(), w.dimensions().size(), dx->dimensions().size()},
+                      strides, padding);
+  if (e.failure()) return e;
   return guarded([&] {
-    Geometry g = geometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, padding);
-    Primitives& p = primitives(g);
-    if (!p.has_bwd_data) {
-      p.bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
-          engine(), dnnl::algorithm::convolution_direct, act_md(g.x), any_md(g.w), act_md(g.y),
-          g.strides, g.pad_l, g.pad_r, p.fwd_pd);
-      p.bwd_data = dnnl::convolution_backward_data(p.bwd_data_pd);
-      p.bwd_data_w_plain = p.bwd_data_pd.weights_desc() == hwio_md(g.w);
-      if (!p.bwd_data_w_plain)
-        p.bwd_data_w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-            engine(), hwio_md(g.w), engine(), p.bwd_data_pd.weights_desc()));
-      p.has_bwd_data = true;
-    }
-    dnnl::stream s(engine());
-    memory wm = weights_for(s, p.bwd_data_w_plain, p.bwd_data_w_reorder,
-                            p.bwd_data_pd.weights_desc(), g.w, w.typed_data());
-    memory dym(act_md(g.y), engine(), dy.typed_data());
-    memory dxm(act_md(g.x), engine(), dx->typed_data());
-    p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm},
-                           {DNNL_ARG_DIFF_SRC, dxm}});
-    s.wait();
+    conv_input_grad(geometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, padding),
+                    dy.typed_data(), w.typed_data(), dx->typed_data());
   });
 }
 
 ffi::Error ConvWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dw, ffi::Span<const int64_t> strides,
                           ffi::Span<const int64_t> padding) {
-  if (auto e = check_attrs(strides, padding); e.failure()) return e;
+  auto e = check_args({x.dimensions().size(), dy.dimensions().size(), dw->dimensions().size()},
+                      strides, padding);
+  if (e.failure()) return e;
   return guarded([&] {
-    Geometry g = geometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, padding);
-    Primitives& p = primitives(g);
-    if (!p.has_bwd_weights) {
-      p.bwd_w_pd = dnnl::convolution_backward_weights::primitive_desc(
-          engine(), dnnl::algorithm::convolution_direct, act_md(g.x), any_md(g.w), act_md(g.y),
-          g.strides, g.pad_l, g.pad_r, p.fwd_pd);
-      p.bwd_weights = dnnl::convolution_backward_weights(p.bwd_w_pd);
-      p.bwd_w_plain = p.bwd_w_pd.diff_weights_desc() == hwio_md(g.w);
-      if (!p.bwd_w_plain)
-        p.bwd_w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-            engine(), p.bwd_w_pd.diff_weights_desc(), engine(), hwio_md(g.w)));
-      p.has_bwd_weights = true;
-    }
-    dnnl::stream s(engine());
-    memory xm(act_md(g.x), engine(), x.typed_data());
-    memory dym(act_md(g.y), engine(), dy.typed_data());
-    memory user(hwio_md(g.w), engine(), dw->typed_data());
-    memory dwm = p.bwd_w_plain ? user : memory(p.bwd_w_pd.diff_weights_desc(), engine());
-    p.bwd_weights.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
-                              {DNNL_ARG_DIFF_WEIGHTS, dwm}});
-    if (!p.bwd_w_plain) p.bwd_w_reorder.execute(s, dwm, user);
-    s.wait();
+    conv_weight_grad(geometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, padding),
+                     x.typed_data(), dy.typed_data(), dw->typed_data());
   });
 }
 
