@@ -1,7 +1,7 @@
 """IResNet training step on CPU: x2jax (conv impl "xla" / "im2col") vs PyTorch.
 
 Configs: ``jax-xla``, ``jax-im2col`` and ``jax-onednn`` (``conv_impl``; im2col =
-matmul weight gradients where ``fast_conv.weight_grad_method`` picks them; onednn
+matmul weight gradients where ``im2col_conv.weight_grad_method`` picks them; onednn
 = ``x2jax.models.onednn_conv``, what "auto" picks on a one-device CPU process with the
 ``onednn`` extra), ``torch-nchw``,
 ``torch-channels_last``; optional ``jax-im2col_all`` (matmul weight gradient on
@@ -10,7 +10,7 @@ every conv) and ``jax-im2col_1x1`` (matmul weight gradient on 1x1 convs only).
 One step = forward in train mode (batch statistics), loss ``mean(embedding**2)``,
 backward, SGD momentum 0.9 + weight decay 5e-4 (optax / torch.optim.SGD), BN
 running statistics updated. Same architecture on both sides (PyTorch:
-``tests/torch_iresnet.py``, insightface's module structure).
+``tests/reference/torch_iresnet.py``, insightface's module structure).
 
 Every configuration runs in a fresh subprocess so that ``ru_maxrss`` (peak RSS)
 is its own; with ``--interleave`` all run in one process, timed round-robin
@@ -62,14 +62,14 @@ def _build_jax(args, impl: str) -> tuple:
     import numpy as np
     import optax
 
-    from x2jax.models import fast_conv, layers, registry
+    from x2jax.models import im2col_conv, layers, registry
 
-    layers.register_conv_impl("im2col_all", functools.partial(fast_conv.conv2d_im2col,
+    layers.register_conv_impl("im2col_all", functools.partial(im2col_conv.conv2d_im2col,
                                                               weight_grad="matmul"))
 
     def im2col_1x1(x, kernel, **kw):
         one = kernel.shape[:2] == (1, 1)
-        return fast_conv.conv2d_im2col(x, kernel, weight_grad="matmul" if one else "xla", **kw)
+        return im2col_conv.conv2d_im2col(x, kernel, weight_grad="matmul" if one else "xla", **kw)
 
     layers.register_conv_impl("im2col_1x1", im2col_1x1)
     module = registry.get_model(args.arch, embedding_size=args.embedding, image_size=args.image_size,
@@ -115,7 +115,7 @@ def _build_torch(args, channels_last: bool) -> tuple:
     sys.path.insert(0, os.path.join(_common.REPO, "tests"))
     import torch
 
-    import torch_iresnet
+    from reference import torch_iresnet
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

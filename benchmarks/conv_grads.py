@@ -5,10 +5,10 @@ For every distinct conv of IResNet-50 at 112x112 (batch ``--batch``), times with
 
 * ``fwd``: ``lax.conv_general_dilated``;
 * ``dx``: XLA's input gradient (transposed conv);
-* ``dx phases``: ``fast_conv``'s per-phase input gradient (one stride-1 conv per
+* ``dx phases``: ``im2col_conv``'s per-phase input gradient (one stride-1 conv per
   output phase; the same as ``dx`` at stride 1);
 * ``dW xla``: XLA's weight gradient;
-* ``dW matmul``: ``x2jax.models.fast_conv``'s matmul weight gradient (``G^T @ P``);
+* ``dW matmul``: ``x2jax.models.im2col_conv``'s matmul weight gradient (``G^T @ P``);
 * ``fwd im2col``: the forward as one im2col GEMM (for comparison only);
 * ``fwd/dx/dW onednn``: ``x2jax.models.onednn_conv``'s three custom calls (oneDNN,
   the library PyTorch's CPU convolutions use; needs the ``onednn`` extra, else
@@ -54,7 +54,7 @@ def main() -> None:
     import numpy as np
     from jax import lax
 
-    from x2jax.models import fast_conv, onednn_conv
+    from x2jax.models import im2col_conv, onednn_conv
 
     dn = ("NHWC", "HWIO", "NHWC")
     print(f"# conv timings, IResNet-50 shapes, batch {args.batch}, median of {args.repeats}")
@@ -80,16 +80,16 @@ def main() -> None:
 
         def im2col_fwd(x, w):
             xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
-            p = fast_conv._patches(xp, k, k, (s, s), (ho, ho))
+            p = im2col_conv._patches(xp, k, k, (s, s), (ho, ho))
             return jnp.dot(p.reshape(-1, k * k * c), w.reshape(-1, o)).reshape(y.shape)
 
         fns = {
             "fwd": jax.jit(conv),
             "dx": jax.jit(lambda x, w: jax.vjp(lambda a: conv(a, w), x)[1](g)[0]),
-            "dx phases": jax.jit(lambda x, w: fast_conv._input_grad_phases(
+            "dx phases": jax.jit(lambda x, w: im2col_conv._input_grad_phases(
                 g, w, x.shape, (s, s), pad)),
             "dW xla": jax.jit(lambda x, w: jax.vjp(lambda b: conv(x, b), w)[1](g)[0]),
-            "dW matmul": jax.jit(lambda x, w: fast_conv._weight_grad_matmul(
+            "dW matmul": jax.jit(lambda x, w: im2col_conv._weight_grad_matmul(
                 x, g, w.shape, (s, s), pad)),
             "fwd im2col": jax.jit(im2col_fwd),
         }

@@ -4,7 +4,7 @@
   python benchmarks/data_pipeline.py --sections difficulty # synthetic-data baselines
 
 Loader: decoded, flipped, normalised 112x112 images per second from an
-insightface RecordIO folder (``RecordIOSource``) and from the same data as a
+insightface RecordIO folder (``InsightFaceRecSource``) and from the same data as a
 TFDS ArrayRecord dataset (``tfds:insightface_rec``), with ``worker_count`` 0
 (decode threads in this process) and > 0 (grain worker processes). "per core"
 is images per CPU-second (user + system time of this process and its workers),
@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from x2jax.data import pipeline, recordio, sources, synthetic  # noqa: E402
+from x2jax.data import insightface_rec, pipeline, sources, synthetic  # noqa: E402
+from x2jax.data.images import decode_image, normalize  # noqa: E402
 
 
 def _live_children_cpu(pid: int) -> float:
@@ -82,7 +83,7 @@ def make_rec(directory: str, num_images: int) -> None:
 
         Image.fromarray(im).save(buf, format="JPEG", quality=95)
         blobs.append(buf.getvalue())
-    recordio.write_insightface_rec(directory, blobs, labels[:num_images], image_size=(112, 112))
+    insightface_rec.write_insightface_rec(directory, blobs, labels[:num_images], image_size=(112, 112))
 
 
 def bench_plain_pil(src, num_images: int) -> tuple[float, float]:
@@ -90,10 +91,10 @@ def bench_plain_pil(src, num_images: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     t0, c0 = time.perf_counter(), cpu_seconds()
     for i in range(num_images):
-        img = recordio.decode_image(src[i % len(src)]["image"])
+        img = decode_image(src[i % len(src)]["image"])
         if rng.random() < 0.5:
             img = img[:, ::-1]
-        pipeline.normalize(img)
+        normalize(img)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return num_images / wall, num_images / cpu
 
@@ -204,7 +205,7 @@ def difficulty(epochs: int, num_identities: int) -> list[tuple[str, float, float
             return emb, nn.Dense(num_identities)(nn.relu(emb))
 
     net = Net()
-    xn = pipeline.normalize(x)
+    xn = normalize(x)
     params = net.init(jax.random.key(0), xn[:2])
     tx = optax.adam(1e-3)
     opt = tx.init(params)
@@ -232,7 +233,7 @@ def difficulty(epochs: int, num_identities: int) -> list[tuple[str, float, float
     train_s = time.perf_counter() - t0
     apply = jax.jit(net.apply)
     logits = np.concatenate([apply(params, xn[test][i : i + 512])[1] for i in range(0, int(test.sum()), 512)])
-    vn = pipeline.normalize(v)
+    vn = normalize(v)
     emb = np.concatenate(
         [
             np.asarray(apply(params, vn[i : i + 512])[0])
@@ -267,9 +268,11 @@ def bench_loaders(args) -> dict[int, float]:
         t0 = time.perf_counter()
         make_rec(rec_dir, args.images)
         print(f"# wrote {args.images} 112x112 JPEG records in {time.perf_counter() - t0:.1f} s")
-        rec_src = sources.RecordIOSource(rec_dir)
+        rec_src = insightface_rec.InsightFaceRecSource(rec_dir)
+        from x2jax.data.tfds_builders import TfdsSource  # pylint: disable=import-outside-toplevel
+
         t0 = time.perf_counter()
-        tfds_src = sources.TfdsSource(
+        tfds_src = TfdsSource(
             "insightface_rec/custom",
             data_dir=os.path.join(tmp, "tfds"),
             download_and_prepare_kwargs={
@@ -287,7 +290,7 @@ def bench_loaders(args) -> dict[int, float]:
         print(f"| RecordIO, plain PIL loop (no grain, 1 thread) | - | {rate:,.0f} | {per_cpu:,.0f} |")
         rates_112 = []
         for label, src in (
-            ("RecordIO (RecordIOSource)", rec_src),
+            ("RecordIO (InsightFaceRecSource)", rec_src),
             ("TFDS ArrayRecord (tfds:insightface_rec)", tfds_src),
         ):
             for w in args.workers:

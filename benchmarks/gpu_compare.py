@@ -9,7 +9,7 @@ loss ``mean(embedding**2)``, backward, SGD momentum 0.9 + weight decay 5e-4.
 
 * x2jax: ``get_model(arch, dtype="bfloat16", conv_impl="xla")`` (params float32,
   compute bfloat16), jitted step with donated state;
-* PyTorch: ``tests/torch_iresnet.py`` (insightface structure), channels_last,
+* PyTorch: ``tests/reference/torch_iresnet.py`` (insightface structure), channels_last,
   ``torch.autocast("cuda", torch.float16)`` + ``GradScaler``, cudnn.benchmark
   (insightface's fp16 recipe).
 
@@ -139,7 +139,7 @@ def jax_backbone(args, arch: str, batch: int, sync) -> dict:
 def torch_backbone(args, arch: str, batch: int) -> dict:
     import torch
     sys.path.insert(0, os.path.join(_common.REPO, "tests"))
-    import torch_iresnet
+    from reference import torch_iresnet
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     amp_dtype = torch.float16 if dev == "cuda" else torch.bfloat16

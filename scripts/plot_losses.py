@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from x2jax.margin_geometry import angular_gap, target_logit  # noqa: E402
+from x2jax.losses.geometry import angular_gap, target_logit  # noqa: E402
 
 CURVES = [
     ("x2_softmax", "X2-Softmax (a=-0.9, h=0, k=0.65)"),

@@ -41,7 +41,7 @@ def run_step(mesh, e_local, w_full, y_local, sample_rate=1.0):
         num_class_shards,
         pad_num_classes,
     )
-    from x2jax.parallel.step import make_head_step
+    from reference.head_step import make_head_step
 
     rows = pad_num_classes(NUM_CLASSES, num_class_shards(mesh))
     w_pad = np.pad(w_full, ((0, rows - NUM_CLASSES), (0, 0)))

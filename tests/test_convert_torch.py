@@ -1,5 +1,5 @@
 """insightface PyTorch backbones -> Flax: the converted Flax network reproduces the
-PyTorch reference (tests/torch_iresnet.py) on the same images, which proves the
+PyTorch reference (tests/reference/torch_iresnet.py) on the same images, which proves the
 topology and the converter at once; and the converter rejects mangled checkpoints."""
 
 import functools
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch_iresnet as T  # noqa: E402  (tests/ helper, needs torch)
+from reference import torch_iresnet as T  # noqa: E402  (needs torch)
 
 from x2jax import models  # noqa: E402
 from x2jax.models import convert  # noqa: E402

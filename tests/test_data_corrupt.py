@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from x2jax.data import pipeline, recordio, sources
+from x2jax.data import insightface_rec, pipeline, recordio, sources
+from x2jax.data.image_folder import ImageFolderSource
+from x2jax.data.insightface_rec import InsightFaceRecSource
 from x2jax.data.pipeline import CorruptImageError, NoUsableRecordsError, make_train_loader
 from x2jax.data.sources import EmptyDatasetError
 from x2jax.train import inputs
@@ -47,8 +49,8 @@ def starved_error(it):
 def junk_rec(directory, n):
     """Valid RecordIO framing and IRHeaders; payloads no image decoder knows."""
     junk = [b"junk%06d" % i * 4 for i in range(n)]
-    recordio.write_insightface_rec(directory, junk, np.arange(n) % 10, image_size=(112, 112))
-    return sources.RecordIOSource(directory)
+    insightface_rec.write_insightface_rec(directory, junk, np.arange(n) % 10, image_size=(112, 112))
+    return InsightFaceRecSource(directory)
 
 
 # ---------------------------------------------------------------------------
@@ -87,11 +89,11 @@ def test_all_junk_rec_endless_loader_raises_within_seconds(tmp_path):
 
 
 def test_property_112_for_64px_images_names_both_sizes_and_the_property_file(tmp_path):
-    recordio.write_insightface_rec(
+    insightface_rec.write_insightface_rec(
         tmp_path, random_pngs(300, 64), np.arange(300) % 7, image_size=(112, 112)
     )
     assert (tmp_path / "property").read_text().strip() == "7,112,112"
-    src = sources.RecordIOSource(tmp_path)
+    src = InsightFaceRecSource(tmp_path)
     # num_epochs=5: before this limit existed, the loader ended silently after 5 epochs.
     msg, seconds = starved_error(loader(src, num_epochs=5))
     # 300 records per epoch < 1,000: one epoch of the shard is the limit.
@@ -108,7 +110,7 @@ def test_image_folder_of_another_size_names_the_sizes(tmp_path):
         (tmp_path / name).mkdir()
         for j in range(4):
             (tmp_path / name / f"{j}.png").write_bytes(next(pngs))
-    src = sources.ImageFolderSource(tmp_path)  # default 112x112
+    src = ImageFolderSource(tmp_path)  # default 112x112
     msg, seconds = starved_error(loader(src, batch_size=4, num_epochs=5))
     assert "no usable training record in 12 consecutive records" in msg
     assert "the images are 64x64 but 112x112 is expected (from ImageFolderSource's image_size" in msg
@@ -244,9 +246,9 @@ FRAMING = ["bad_magic", "mid_record_offset", "unaligned_offset", "garbage_length
 def test_framing_error_skipped_and_counted(tmp_path, how):
     n = 40
     images = np.random.default_rng(5).integers(0, 256, (n, 8, 8, 3)).astype(np.uint8)
-    recordio.write_insightface_rec(tmp_path, [png(im) for im in images], np.arange(n), image_size=(8, 8))
+    insightface_rec.write_insightface_rec(tmp_path, [png(im) for im in images], np.arange(n), image_size=(8, 8))
     _corrupt(tmp_path, how, key=8)  # keys follow the sorted labels: key 8 holds label 7
-    src = sources.RecordIOSource(tmp_path)
+    src = InsightFaceRecSource(tmp_path)
     it = loader(src, batch_size=13, num_epochs=1)
     batches = list(it)
     assert it.num_skipped == 1 and len(batches) == 3
@@ -258,9 +260,9 @@ def test_framing_error_skipped_and_counted(tmp_path, how):
 
 @pytest.mark.parametrize("how", FRAMING)
 def test_framing_error_raised_names_file_key_and_offset(tmp_path, how):
-    recordio.write_insightface_rec(tmp_path, random_pngs(20, 8), np.arange(20), image_size=(8, 8))
+    insightface_rec.write_insightface_rec(tmp_path, random_pngs(20, 8), np.arange(20), image_size=(8, 8))
     offset = _corrupt(tmp_path, how, key=5)
-    src = sources.RecordIOSource(tmp_path)
+    src = InsightFaceRecSource(tmp_path)
     it = loader(src, batch_size=4, num_epochs=1, on_corrupt="raise")
     with pytest.raises(CorruptImageError) as e:
         list(it)
@@ -280,22 +282,22 @@ def test_empty_rec_says_empty(tmp_path):
     (tmp_path / "b" / "train.idx").write_text("")
     (tmp_path / "b" / "property").write_text("10,112,112\n")
     with pytest.raises(EmptyDatasetError, match=r"b/train\.rec: the dataset is empty: no image records .*0 record"):
-        sources.RecordIOSource(tmp_path / "b")
+        InsightFaceRecSource(tmp_path / "b")
     # Through the trainer's entry point: before any model or head is built.
     cfg = ml_collections.ConfigDict(dict(name="insightface_rec", path=str(tmp_path / "b")))
     with pytest.raises(EmptyDatasetError, match=r"b/train\.rec: the dataset is empty"):
         inputs.open_train_data(cfg, seed=0)
-    recordio.write_insightface_rec(tmp_path / "a", [], [], image_size=(112, 112))  # record 0 only
+    insightface_rec.write_insightface_rec(tmp_path / "a", [], [], image_size=(112, 112))  # record 0 only
     assert (tmp_path / "a" / "property").read_text().strip() == "0,112,112"
     with pytest.raises(EmptyDatasetError, match=r"a/train\.rec: the dataset is empty: no image records .*1 record"):
-        sources.RecordIOSource(tmp_path / "a")
+        InsightFaceRecSource(tmp_path / "a")
 
 
 def test_empty_image_folder_and_empty_source_say_empty(tmp_path):
     (tmp_path / "ann").mkdir()
     (tmp_path / "ann" / "readme.txt").write_text("no faces here")
     with pytest.raises(EmptyDatasetError, match=f"{tmp_path}: the dataset is empty: no images found"):
-        sources.ImageFolderSource(tmp_path)
+        ImageFolderSource(tmp_path)
     with pytest.raises(EmptyDatasetError, match="the dataset is empty"):
         loader(BytesSource([], [0], (4, 4)))
     with pytest.raises(EmptyDatasetError, match="empty_array: the dataset is empty"):

@@ -7,7 +7,9 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from x2jax.data import pipeline, recordio, sources
+from x2jax.data import insightface_rec, pipeline, sources
+from x2jax.data.image_folder import ImageFolderSource
+from x2jax.data.insightface_rec import InsightFaceRecSource
 from x2jax.data.pipeline import CorruptImageError, make_train_loader
 
 
@@ -173,10 +175,10 @@ def test_recordio_source_through_loader(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (40, 16, 16, 3)).astype(np.uint8)
     labels = rng.integers(0, 5, 40)
-    recordio.write_insightface_rec(
+    insightface_rec.write_insightface_rec(
         tmp_path, [encoded(im, "PNG") for im in images], labels, image_size=(16, 16)
     )
-    src = sources.RecordIOSource(tmp_path)
+    src = InsightFaceRecSource(tmp_path)
     assert (src.num_classes, src.image_size, len(src)) == (5, (16, 16), 40)
     order = np.argsort(labels, kind="stable")
     batches = list(
@@ -201,13 +203,13 @@ def test_image_folder_source(tmp_path):
                 tmp_path / name / f"{j}.png"
             )
     (tmp_path / "alice" / "notes.txt").write_text("not an image")
-    src = sources.ImageFolderSource(tmp_path, image_size=(8, 8))
+    src = ImageFolderSource(tmp_path, image_size=(8, 8))
     assert src.class_names == ["alice", "bob"] and src.labels.tolist() == [0, 0, 0, 1, 1]
     assert src[3]["key"].endswith("bob/0.png")
     batch = next(make_train_loader(src, batch_size=5, seed=0, shard_index=0, shard_count=1))
     assert sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1]
     with pytest.raises(FileNotFoundError, match="no_such_root"):
-        sources.ImageFolderSource(tmp_path / "no_such_root")
+        ImageFolderSource(tmp_path / "no_such_root")
 
 
 def test_argument_errors():

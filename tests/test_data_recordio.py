@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from x2jax.data import recordio
+from x2jax.data import insightface_rec, recordio
+from x2jax.data.images import decode_image
 from x2jax.data.recordio import IRHeader, MXIndexedRecordIO, MXRecordIO, RecordIOError, pack, unpack
 
 MAGIC = struct.pack("<I", 0xCED7230A)
@@ -116,7 +117,7 @@ def test_unpack_rejects_short_records():
 def test_insightface_record0_layout(tmp_path):
     labels = np.array([2, 0, 1, 0, 2, 2, 4])  # identity 3 has no images
     imgs = [b"img%d" % i for i in range(len(labels))]
-    recordio.write_insightface_rec(tmp_path, imgs, labels, num_classes=5, image_size=(8, 8))
+    insightface_rec.write_insightface_rec(tmp_path, imgs, labels, num_classes=5, image_size=(8, 8))
     r = MXIndexedRecordIO(tmp_path / "train.idx", tmp_path / "train.rec", "r")
     h0, _ = unpack(r.read_idx(0))
     n = len(labels)
@@ -131,7 +132,7 @@ def test_insightface_record0_layout(tmp_path):
     assert ranges == [[1, 3], [3, 4], [4, 7], [7, 7], [7, 8]]
     assert (tmp_path / "property").read_text().strip() == "5,8,8"
 
-    info = recordio.read_insightface_rec(tmp_path)
+    info = insightface_rec.read_insightface_rec(tmp_path)
     assert info.num_classes == 5 and info.image_size == (8, 8)
     assert info.image_keys.tolist() == list(range(1, n + 1))
     assert info.labels.tolist() == sorted(labels.tolist())
@@ -144,8 +145,8 @@ def test_insightface_dataset_of_jpegs_reads_back(tmp_path):
     labels = rng.integers(0, c, n)
     labels[:c] = np.arange(c)  # every identity present
     jpegs = [jpeg(im) for im in images]
-    recordio.write_insightface_rec(tmp_path, jpegs, labels, image_size=(24, 24))
-    info = recordio.read_insightface_rec(tmp_path)
+    insightface_rec.write_insightface_rec(tmp_path, jpegs, labels, image_size=(24, 24))
+    info = insightface_rec.read_insightface_rec(tmp_path)
     assert info.num_classes == c and len(info.labels) == n
     reader = info.reader()
     order = np.argsort(labels, kind="stable")
@@ -172,15 +173,15 @@ def test_labels_from_headers_without_record0(tmp_path):
     for key, lab in [(1, 2.0), (2, [1.0, 9.0]), (3, 0.0)]:
         w.write_idx(key, pack(IRHeader(0, lab, key, 0), b"x"))
     w.close()
-    info = recordio.read_insightface_rec(tmp_path)
+    info = insightface_rec.read_insightface_rec(tmp_path)
     assert info.labels.tolist() == [2, 1, 0] and info.num_classes == 3
 
 
 def test_labels_from_headers_agrees_and_catches_misordered_identity_records(tmp_path):
     labels = np.array([1, 0, 2, 1, 0, 0])
-    recordio.write_insightface_rec(tmp_path, [b"i%d" % i for i in range(6)], labels, image_size=(8, 8))
-    auto = recordio.read_insightface_rec(tmp_path)
-    scan = recordio.read_insightface_rec(tmp_path, labels_from="headers")
+    insightface_rec.write_insightface_rec(tmp_path, [b"i%d" % i for i in range(6)], labels, image_size=(8, 8))
+    auto = insightface_rec.read_insightface_rec(tmp_path)
+    scan = insightface_rec.read_insightface_rec(tmp_path, labels_from="headers")
     assert scan.image_keys.tolist() == auto.image_keys.tolist() == [1, 2, 3, 4, 5, 6]
     assert scan.labels.tolist() == auto.labels.tolist() == [0, 0, 0, 1, 1, 2]
     # Swap identity records 0 and 1: their ranges no longer match the image headers.
@@ -189,8 +190,8 @@ def test_labels_from_headers_agrees_and_catches_misordered_identity_records(tmp_
     lines["7"], lines["8"] = lines["8"], lines["7"]
     idx.write_text("".join(f"{k}\t{v}\n" for k, v in lines.items()))
     with pytest.raises(RecordIOError, match="labels_from='headers'"):
-        recordio.read_insightface_rec(tmp_path)
-    assert recordio.read_insightface_rec(tmp_path, labels_from="headers").labels.tolist() == [
+        insightface_rec.read_insightface_rec(tmp_path)
+    assert insightface_rec.read_insightface_rec(tmp_path, labels_from="headers").labels.tolist() == [
         0,
         0,
         0,
@@ -209,15 +210,15 @@ def test_record_keys_past_float32_exact_integers_scan_headers(tmp_path):
     w.write_idx(3, pack(IRHeader(0, [2, 3], 0, 0), b""))  # identity records: empty payload
     w.write_idx(4, pack(IRHeader(0, [1, 2], 0, 0), b""))
     w.close()
-    info = recordio.read_insightface_rec(tmp_path)
+    info = insightface_rec.read_insightface_rec(tmp_path)
     assert info.image_keys.tolist() == [1, 2] and info.labels.tolist() == [1, 0]
 
 
 def test_labels_outside_property_num_classes_raise(tmp_path):
-    recordio.write_insightface_rec(tmp_path, [b"a", b"b"], [0, 3], image_size=(112, 112))
+    insightface_rec.write_insightface_rec(tmp_path, [b"a", b"b"], [0, 3], image_size=(112, 112))
     (tmp_path / "property").write_text("2,112,112\n")
     with pytest.raises(RecordIOError, match=r"outside \[0, 2\)"):
-        recordio.read_insightface_rec(tmp_path)
+        insightface_rec.read_insightface_rec(tmp_path)
 
 
 def test_truncated_file_names_file_and_offset(tmp_path):
@@ -260,7 +261,7 @@ def test_bad_index_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.rec"):
         MXIndexedRecordIO(idx, tmp_path / "nope.rec", "r")
     with pytest.raises(FileNotFoundError, match=r"train\.rec"):
-        recordio.read_insightface_rec(tmp_path / "empty_dir")
+        insightface_rec.read_insightface_rec(tmp_path / "empty_dir")
 
 
 def test_reader_pickles_and_reopens(tmp_path):
@@ -310,4 +311,4 @@ def test_unaligned_offset_and_errors_pickle_with_their_fields(tmp_path):
 
 def test_undecodable_bytes_message_shows_the_first_bytes():
     with pytest.raises(ValueError, match=r"cannot decode image \(7 bytes\): .*first bytes 67617262616765\)"):
-        recordio.decode_image(b"garbage")
+        decode_image(b"garbage")

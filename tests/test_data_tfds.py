@@ -8,8 +8,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import x2jax.data as xd
-from x2jax.data import recordio, sources, synthetic, tfds_builders, verification_bin
-from x2jax.data.recordio import decode_image
+from x2jax.evaluation.sets import SyntheticSetRef, open_verification_sets
+from x2jax.data import insightface_rec, recordio, sources, synthetic, tfds_builders, verification_bin
+from x2jax.data.images import decode_image
 
 TINY = synthetic.SyntheticConfig(
     num_identities=12,
@@ -32,7 +33,7 @@ def test_synthetic_faces_build_matches_numpy_generator(tmp_path):
     builder = tfds.builder("synthetic_faces", config=config, data_dir=tmp_path)
     builder.download_and_prepare()
     assert builder.info.file_format.value == "array_record"
-    src = sources.TfdsSource("synthetic_faces", data_dir=tmp_path, builder_kwargs={"config": config})
+    src = tfds_builders.TfdsSource("synthetic_faces", data_dir=tmp_path, builder_kwargs={"config": config})
     assert (src.num_classes, src.image_size, len(src)) == (12, (32, 32), 60)
     images, labels = synthetic.generate_train(TINY)
     seen = set()
@@ -70,15 +71,15 @@ def test_face_verification_from_manual_bin(tmp_path):
     verification_bin.write_bin(manual / "lfw.bin", images, issame, fmt="PNG")
     builder = tfds.builder("face_verification/lfw", data_dir=tmp_path / "tfds")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-    # get_verification_sets reads the prepared TFDS copy when no .bin is in data_dir ...
-    sets = xd.get_verification_sets(["lfw"], data_dir=tmp_path / "tfds", image_size=(16, 16))
+    # the one opener reads the prepared TFDS copy when no .bin is in data_dir ...
+    sets = open_verification_sets(["lfw"], data_dir=tmp_path / "tfds", image_size=16)
     got, got_issame = sets["lfw"]
     assert np.array_equal(got, images) and np.array_equal(got_issame, issame)
     # ... and the .bin itself when it is there.
-    sets = xd.get_verification_sets(["lfw"], data_dir=manual, image_size=(16, 16))
+    sets = open_verification_sets(["lfw"], data_dir=manual, image_size=16)
     assert np.array_equal(sets["lfw"][0], images)
     with pytest.raises(FileNotFoundError, match=r"agedb_30\.bin"):
-        xd.get_verification_sets(["agedb_30"], data_dir=manual)
+        open_verification_sets(["agedb_30"], data_dir=manual, image_size=16)
 
 
 def test_insightface_rec_builder_keeps_bytes_and_labels(tmp_path):
@@ -87,12 +88,12 @@ def test_insightface_rec_builder_keeps_bytes_and_labels(tmp_path):
     labels = rng.integers(0, 4, 30)
     blobs = [png(im) for im in images]
     rec_dir = tmp_path / "manual" / "custom"
-    recordio.write_insightface_rec(rec_dir, blobs, labels, image_size=(16, 16))
+    insightface_rec.write_insightface_rec(rec_dir, blobs, labels, image_size=(16, 16))
     train = xd.get_train_source(
         "tfds:insightface_rec/custom", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "manual"
     )
     assert (train.num_classes, train.image_size, len(train.source)) == (4, (16, 16), 30)
-    info = recordio.read_insightface_rec(rec_dir)
+    info = insightface_rec.read_insightface_rec(rec_dir)
     order = np.argsort(labels, kind="stable")  # record key k holds image order[k - 1]
     for i in range(30):
         ex = train.source._source[i]  # noqa: SLF001
@@ -134,9 +135,9 @@ def test_face_image_folder_builder(tmp_path):
 
 def test_get_train_source_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        xd.get_train_source("rec", data_dir=tmp_path / "nowhere")
+        xd.get_train_source("insightface_rec", data_dir=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"train\.rec"):
-        xd.get_train_source("rec", data_dir=tmp_path)  # exists, but no train.rec
+        xd.get_train_source("insightface_rec", data_dir=tmp_path)  # exists, but no train.rec
     with pytest.raises(ValueError, match="needs data_dir"):
         xd.get_train_source("folder")
     with pytest.raises(ValueError, match="unknown train source"):
@@ -151,15 +152,9 @@ def test_synthetic_entry_points_agree_with_generator():
     images, labels = synthetic.generate_train(cfg)
     assert train.num_classes == 6 and train.image_size == (32, 32)
     assert np.array_equal(train.source.images, images)
-    sets = xd.get_verification_sets(
-        ["synthetic_small"],
-        synthetic_overrides={
-            "num_identities": 6,
-            "num_verification_identities": 10,
-            "num_verification_pairs": 10,
-        },
-    )
-    v, issame = sets["synthetic_small"]
+    ref = SyntheticSetRef("small", {"num_identities": 6, "num_verification_identities": 10,
+                                    "num_verification_pairs": 10})
+    v, issame = open_verification_sets(["synthetic"], data_dir=None, image_size=32, synthetic=ref)["synthetic"]
     ref = synthetic.generate_verification(
         synthetic.get_config(
             "small", num_identities=6, num_verification_identities=10, num_verification_pairs=10

@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # eval.py is a top-level script, not part of the package
+from x2jax.data.synthetic import generate_verification, get_config
+from x2jax.data.verification_bin import write_bin
+from x2jax.evaluation import main as eval_cli
+from x2jax.evaluation import verification_accuracy
+from x2jax.evaluation.sets import SetSource, SyntheticSetRef, open_verification_set
+from x2jax.models import get_model, init_variables, save_model
 
-import eval as eval_cli  # noqa: E402
-from x2jax.data.synthetic import generate_verification, get_config  # noqa: E402
-from x2jax.data.verification_bin import write_bin  # noqa: E402
-from x2jax.evaluation import verification_accuracy  # noqa: E402
-from x2jax.models import get_model, init_variables, save_model  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,20 @@ def test_missing_set_file_cli_exit_code(workdir, tmp_path):
         [sys.executable, os.path.join(ROOT, "eval.py"), "--checkpoint", str(d / "model"), "--sets", "lfw",
          "--data-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"verification set 'lfw' not found: {tmp_path / 'lfw.bin'}" in proc.stderr
+
+
+def test_module_entry_point_matches_eval_py(workdir, tmp_path):
+    d = workdir[0]
+    for cmd in ([sys.executable, os.path.join(ROOT, "eval.py")], [sys.executable, "-m", "x2jax.evaluation"]):
+        proc = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 0 and "--checkpoint" in proc.stdout and "--resize" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "x2jax.evaluation", "--checkpoint", str(d / "model"), "--sets", "lfw",
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 2
     assert f"verification set 'lfw' not found: {tmp_path / 'lfw.bin'}" in proc.stderr
@@ -145,15 +159,17 @@ def test_synthetic_set_follows_checkpoint_and_flags(workdir, tmp_path):
     d, module, variables = workdir[:3]
     args = eval_cli.parse_args(["--checkpoint", "x"])
     info = {"synthetic": {"variant": "large", "num_identities": 50}}
-    assert eval_cli.synthetic_settings(args, info, 16) == ("large", {"num_identities": 50, "image_size": 16})
+    assert eval_cli.synthetic_set_ref(args, info).settings(16) == ("large", {"num_identities": 50, "image_size": 16})
     args = eval_cli.parse_args(["--checkpoint", "x", "--synthetic-config", "small", "--synthetic-num-identities", "7"])
-    assert eval_cli.synthetic_settings(args, info, 16) == ("small", {"num_identities": 7, "image_size": 16})
-    assert eval_cli.synthetic_settings(eval_cli.parse_args(["--checkpoint", "x"]), {}, 32) == ("small", {"image_size": 32})
+    assert eval_cli.synthetic_set_ref(args, info).settings(16) == ("small", {"num_identities": 7, "image_size": 16})
+    assert eval_cli.synthetic_set_ref(eval_cli.parse_args(["--checkpoint", "x"]), {}).settings(32) == (
+        "small", {"image_size": 32})
 
     # The set is the held-out split of that config, rendered at the model's size.
     settings = ("small", {"num_identities": 20, "num_verification_identities": 12, "num_verification_pairs": 40,
                           "image_size": 16})
-    images, issame = eval_cli.load_set("synthetic", None, 16, resize=False, synthetic=settings)
+    images, issame = open_verification_set(SetSource("synthetic", "synthetic"), image_size=16, resize=False,
+                                           synthetic=SyntheticSetRef(*settings))
     want_images, want_issame = generate_verification(get_config(settings[0], **settings[1]))
     np.testing.assert_array_equal(images, want_images)
     np.testing.assert_array_equal(issame, want_issame)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from x2jax.evaluation import ijb
+from x2jax.evaluation import ijb, report
 
 
 def rotation(deg):
@@ -236,9 +236,9 @@ def test_ijb_known_answer(ijb_root):
     unweighted = ijb.evaluate_ijb(mean_colour_net, {}, ijb_root, "IJBC", batch_size=8, use_detector_score=False)
     assert unweighted["tar_at_far"][1e-4] == pytest.approx(5 / 7, abs=1e-12)
 
-    table = ijb.format_tar_table([result])
+    table = report.format_ijb_table([result])
     assert "85.71" in table and "100.00" in table
-    png = ijb.plot_ijb_roc([result], os.path.join(ijb_root, "roc.png"))
+    png = report.plot_ijb_roc([result], os.path.join(ijb_root, "roc.png"))
     assert os.path.getsize(png) > 1000
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from x2jax.evaluation.export import export_embedding, load_exported, save_exported
-from x2jax.models import get_model, init_variables
+from x2jax.models import ModelSpec, get_model, init_variables
+
+SPEC = ModelSpec("r18_tiny", embedding_size=8, image_size=16, conv_impl="xla")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def reference(tiny_model):
 def test_round_trip_baked_weights_symbolic_batch(tiny_model, reference, tmp_path):
     module, variables = tiny_model
     x, want = reference
-    exported = export_embedding(functools.partial(module.apply, train=False), variables, image_size=16)
+    exported = export_embedding(SPEC, variables)
     loaded = load_exported(save_exported(tmp_path / "sub" / "embed.jax", exported))
     # Symbolic batch: two batch sizes through one serialised function.
     for rows in (slice(0, 3), slice(3, 8)):
@@ -44,9 +46,7 @@ def test_round_trip_baked_weights_symbolic_batch(tiny_model, reference, tmp_path
 def test_round_trip_weights_as_arguments(tiny_model, reference, tmp_path):
     module, variables = tiny_model
     x, want = reference
-    exported = export_embedding(
-        functools.partial(module.apply, train=False), variables, image_size=16, bake_variables=False
-    )
+    exported = export_embedding(SPEC, variables, bake_variables=False)
     loaded = load_exported(save_exported(tmp_path / "embed_args.jax", exported))
     np.testing.assert_allclose(np.asarray(loaded.call(variables, x)), want, rtol=1e-5, atol=1e-5)
     # Other weights of the same architecture go through the same file.
@@ -62,7 +62,7 @@ def test_round_trip_weights_as_arguments(tiny_model, reference, tmp_path):
 
 def test_wrong_input_shape_and_bad_file(tiny_model, tmp_path):
     module, variables = tiny_model
-    exported = export_embedding(functools.partial(module.apply, train=False), variables, image_size=16)
+    exported = export_embedding(SPEC, variables)
     with pytest.raises(ValueError, match="shape"):
         exported.call(jnp.zeros((2, 32, 32, 3)))
     bad = tmp_path / "bad.jax"
@@ -82,16 +82,17 @@ def test_module_with_onednn_convs_exports_with_xla_convs(tiny_model, reference, 
         pytest.skip("oneDNN extension not available (pip install -e '.[onednn]')")
     module, variables = tiny_model
     x, want = reference
-    onednn_module = module.clone(conv_impl="onednn")
+    onednn_spec = SPEC.replace(conv_impl="onednn")
+    onednn_module = onednn_spec.build()
     apply_fn = functools.partial(onednn_module.apply, train=False)
     own = np.asarray(jax.jit(apply_fn)(variables, x))
     assert "x2jax_onednn_conv_forward" in jax.jit(apply_fn).lower(variables, x).as_text()
     for bake in (True, False):
-        exported = export_embedding(apply_fn, variables, image_size=16, bake_variables=bake)
+        exported = export_embedding(onednn_spec, variables, bake_variables=bake)
         assert "x2jax_onednn" not in exported.mlir_module()
         loaded = load_exported(save_exported(tmp_path / f"onednn_{bake}.jax", exported))
         got = np.asarray(loaded.call(x) if bake else loaded.call(variables, x))
         np.testing.assert_allclose(got, own, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # the caller's module is left as it was
-    assert onednn_module.conv_impl == "onednn"
+    # the caller's spec and module are left as they were
+    assert onednn_spec.conv_impl == onednn_module.conv_impl == "onednn"

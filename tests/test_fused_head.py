@@ -6,8 +6,6 @@ loss on the in-range rows only (for out-of-range labels), and the float32 head
 on upcast inputs (for bfloat16).
 """
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +42,7 @@ def test_cases_cover_every_target_only_margin():
 
 
 def _with_norms(fn, params, emb):
-    if "norms" in inspect.signature(fn).parameters and "norms" not in params:
+    if L.spec_of(fn).needs_norms and "norms" not in params:
         params = dict(params, norms=jnp.linalg.norm(emb.astype(jnp.float32), axis=1))
     return params
 
@@ -131,10 +129,10 @@ def test_fused_cross_entropy_equals_generic_at_the_ends_of_the_cosine_range(name
 
     @jax.jit
     def both(c, y):
-        margin = L._target_margin(fn, params)
-        fused = jax.value_and_grad(lambda c: jnp.sum(L._target_margin_cross_entropy(c, y, margin)))
+        margin = L.spec_of(fn).target_only(params)
+        fused = jax.value_and_grad(lambda c: jnp.sum(L.target_margin_cross_entropy(c, y, margin)))
         generic = jax.value_and_grad(lambda c: jnp.sum(L.cross_entropy(fn(c, y, **params), y)))
-        rows = (L._target_margin_cross_entropy(c, y, margin), L.cross_entropy(fn(c, y, **params), y))
+        rows = (L.target_margin_cross_entropy(c, y, margin), L.cross_entropy(fn(c, y, **params), y))
         return fused(c), generic(c), rows
 
     (got, g_got), (want, g_want), (rows_got, rows_want) = both(jnp.asarray(cos), jnp.asarray(labels))
@@ -169,10 +167,10 @@ def test_x2_fused_value_and_gradient_match_numpy_float64(gradient):
     s, a, h, k = 64.0, -0.9, 0.1, 0.65
     cos, labels = _edge_cosines()
     good = (labels >= 0) & (labels < C)
-    margin = L._target_margin(L.x2_softmax, dict(scale=s, a=a, h=h, k=k, gradient=gradient))
+    margin = L.spec("x2_softmax").target_only(dict(scale=s, a=a, h=h, k=k, gradient=gradient))
     rows, g = jax.jit(lambda c, y: (
-        L._target_margin_cross_entropy(c, y, margin),
-        jax.grad(lambda c: jnp.mean(L._target_margin_cross_entropy(c, y, margin)))(c),
+        L.target_margin_cross_entropy(c, y, margin),
+        jax.grad(lambda c: jnp.mean(L.target_margin_cross_entropy(c, y, margin)))(c),
     ))(jnp.asarray(cos), jnp.asarray(labels))
     logits = _np_x2_logits(cos[good], labels[good], s, a, h, k)
     np.testing.assert_allclose(np.asarray(rows)[good], _np_ce(logits, labels[good]), rtol=1e-6)

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from jax.experimental import checkify
 
 from x2jax import losses as L
-from x2jax import margin_geometry
+from x2jax.losses import geometry
 
 B, C = 6, 11
 
@@ -143,7 +143,7 @@ def test_elasticface_margin_is_gaussian_per_sample():
 
 def test_x2_official_constants_closed_form():
     theta = np.array([0.0, np.pi / 2, np.pi])
-    f = margin_geometry.target_logit("x2_softmax", theta)
+    f = geometry.target_logit("x2_softmax", theta)
     np.testing.assert_allclose(f, [0.65, 0.65 - 0.9 * (np.pi / 2) ** 2, 0.65 - 0.9 * np.pi**2], atol=2e-6)
     np.testing.assert_allclose(f[1:], [-1.571, -8.233], atol=1e-3)
 
@@ -433,15 +433,15 @@ def test_import_loss_without_flax():
 # ---------------------------------------------------------------------------
 
 
-def test_adaptive_margin_geometry_matches_facts():
+def test_adaptive_margin_geometry_matches_the_paper():
     deg = math.degrees
     phi0 = math.acos(0.65)  # below this X2-Softmax has no decision boundary
-    assert math.isnan(margin_geometry.angular_gap("x2_softmax", phi0 - 0.01))
-    assert not math.isnan(margin_geometry.angular_gap("x2_softmax", phi0 + 0.01))
+    assert math.isnan(geometry.angular_gap("x2_softmax", phi0 - 0.01))
+    assert not math.isnan(geometry.angular_gap("x2_softmax", phi0 + 0.01))
     assert abs(deg(phi0) - 49.5) < 0.1
-    assert abs(deg(margin_geometry.angular_gap("x2_softmax", math.pi / 2)) - 36) < 1.0
-    assert abs(deg(margin_geometry.angular_gap("x2_softmax", math.pi)) - 53) < 1.0
+    assert abs(deg(geometry.angular_gap("x2_softmax", math.pi / 2)) - 36) < 1.0
+    assert abs(deg(geometry.angular_gap("x2_softmax", math.pi)) - 53) < 1.0
     for phi in (0.8, 1.5, 2.5):
-        assert abs(deg(margin_geometry.angular_gap("arcface", phi)) - 28.6) < 0.1
-    cosface = [deg(margin_geometry.angular_gap("cosface", p)) for p in (math.radians(60), math.pi)]
+        assert abs(deg(geometry.angular_gap("arcface", phi)) - 28.6) < 0.1
+    cosface = [deg(geometry.angular_gap("cosface", p)) for p in (math.radians(60), math.pi)]
     assert 38 < cosface[0] < 44 and 18 < cosface[1] < 22

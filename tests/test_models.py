@@ -13,14 +13,15 @@ import pytest
 from x2jax import models
 from x2jax.models import layers
 
-# insightface parameter counts, 512-d embedding, 112x112, frozen BN1d scale included (FACTS.md).
+# insightface parameter counts (sum of torch parameters of arcface_torch backbones/iresnet.py), 512-d
+# embedding, 112x112, frozen BN1d scale included.
 INSIGHTFACE_PARAMS = {
     "r18": 24_025_600,
     "r34": 34_139_328,
     "r50": 43_590_848,
     "r100": 65_156_160,
     "r200": 118_833_920,
-    # Counted on the torch reference (tests/torch_iresnet.py), cross-checked in test_convert_torch.
+    # Counted on the torch reference (tests/reference/torch_iresnet.py), cross-checked in test_convert_torch.
     "mobilefacenet": 2_059_520,
     "mobilefacenet_large": 6_314_880,
 }

@@ -119,7 +119,7 @@ def test_train_py_in_two_processes_checkpoints_and_resumes(tmp_path):
     assert all(np.isfinite(r["loss"]) and r["bad_labels"] == 0 for r in train)
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 6
-    from x2jax.train.checkpointing import read_meta
+    from x2jax.models.io import read_meta
     step, meta = read_meta(tmp_path / "run" / "checkpoints")
     assert step == 6 and meta["process_count"] == 2 and meta["mesh"] == {"data": 4, "model": 1}
 

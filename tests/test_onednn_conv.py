@@ -18,8 +18,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 # Shapes (batch, H, W, C, O, kernel, stride, padding), inputs and the float64 reference
-# are those of the fast_conv tests.
-from test_fast_conv import CASES, _inputs, _numpy_reference
+# are those of the im2col_conv tests.
+from test_im2col_conv import CASES, _inputs, _numpy_reference
 
 from x2jax.models import layers, onednn_conv, registry
 

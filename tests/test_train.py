@@ -1,8 +1,11 @@
 """train.py / x2jax.train: resume, preemption, re-meshing, non-finite steps, config errors, optimizer."""
 
 import json
+import re
 import os
+import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -15,7 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from x2jax.train import config as config_lib
-from x2jax.train.checkpointing import Checkpointer, build_model, load_backbone
+from x2jax.models.io import load_backbone
+from x2jax.models.spec import ModelSpec
+from x2jax.train.checkpointing import Checkpointer
 from x2jax.train.loop import BadLabelError, NonFiniteLossError, train
 from x2jax.train.optimizer import make_optimizer, make_schedule
 from x2jax.train.state import is_sharded_like, make_state_factory
@@ -42,10 +47,29 @@ def tiny_config(tmp_cache, **overrides) -> ml_collections.ConfigDict:
     return c
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One persistent compilation cache for the session: identical steps compile once."""
-    return tmp_path_factory.mktemp("jax_cache")
+def nan_image_at(step_no: int):
+    """A batch hook: a NaN pixel in the batch of step ``step_no`` (1-based)."""
+    def hook(step, batch):
+        if step + 1 == step_no:
+            batch = dict(batch, image=batch["image"].copy())
+            batch["image"][0] = np.nan
+        return batch
+    return hook
+
+
+def bad_label_at(step_no: int, num_classes: int):
+    """A batch hook: label ``num_classes`` (out of range) in the batch of step ``step_no``."""
+    def hook(step, batch):
+        if step + 1 == step_no:
+            batch = dict(batch, label=batch["label"].copy())
+            batch["label"][0] = num_classes
+        return batch
+    return hook
+
+
+def sigterm_after(step_no: int):
+    """A step hook: SIGTERM to this process after step ``step_no``."""
+    return lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == step_no else None
 
 
 def _final_state_arrays(workdir: Path, step: int) -> dict:
@@ -77,7 +101,8 @@ def test_sigterm_then_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path,
 
     interrupted = tmp_path / "interrupted"
     # checkpoint interval 3 does not fall on step k: the SIGTERM save is its own
-    first = train(tiny_config(cache_dir, num_steps=2 * k, **{"debug.sigterm_at_step": k, "checkpoint.every_steps": 3}), interrupted)
+    first = train(tiny_config(cache_dir, num_steps=2 * k, **{"checkpoint.every_steps": 3}), interrupted,
+                  step_hook=sigterm_after(k))
     assert first["preempted"] and first["step"] == k
     assert Checkpointer(interrupted / "checkpoints", every_steps=3, keep=3).latest_step() == k
     second = train(tiny_config(cache_dir, num_steps=2 * k, **{"checkpoint.every_steps": 3}), interrupted)
@@ -103,14 +128,25 @@ def test_train_py_cli_exits_cleanly_on_sigterm_and_resumes(tmp_path, cache_dir):
         "--config.checkpoint.every_steps=100", f"--config.compilation_cache_dir={cache_dir}",
         "--config.log_every_steps=1", "--config.schedule.warmup_steps=2",
     ]
-    first = subprocess.run(args + ["--config.debug.sigterm_at_step=3"], capture_output=True, text=True, env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "SIGTERM received: saved step 3" in first.stdout
-    second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    # a long run, SIGTERM once it trains: it saves the step it is at and exits 0
+    first = subprocess.Popen([a if a != "--config.num_steps=6" else "--config.num_steps=100000" for a in args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.1)
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    saved = int(re.search(r"SIGTERM received: saved step (\d+) in", out).group(1))
+    assert saved >= 2
+    # the same command with its real length resumes there; every step is logged once
+    second = subprocess.run(args + [f"--config.num_steps={saved + 3}"], capture_output=True, text=True, env=env,
+                            timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from step 3" in second.stdout and "done: 6 steps" in second.stdout
+    assert f"resumed from step {saved}" in second.stdout and f"done: {saved + 3} steps" in second.stdout
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, saved + 4))
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
 
@@ -123,7 +159,7 @@ def test_train_py_cli_exits_cleanly_on_sigterm_and_resumes(tmp_path, cache_dir):
 def test_save_on_8_devices_restore_on_4_and_1(tmp_path, cache_dir):
     cfg = tiny_config(cache_dir, num_steps=4)
     train(cfg, tmp_path)
-    model = build_model(json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())["model"])
+    model = ModelSpec.from_json(json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())["model"]).build()
     tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, 4))
     from x2jax.train.inputs import open_train_data
 
@@ -184,9 +220,9 @@ def test_loss_decreases_and_verification_rises(tmp_path, cache_dir, loss):
 
 
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, cache_dir):
-    cfg = tiny_config(cache_dir, num_steps=8, **{"debug.nan_at_step": 6, "checkpoint.every_steps": 4})
+    cfg = tiny_config(cache_dir, num_steps=8, **{"checkpoint.every_steps": 4})
     with pytest.raises(NonFiniteLossError, match="step 6: non-finite"):
-        train(cfg, tmp_path)
+        train(cfg, tmp_path, batch_hook=nan_image_at(6))
     ckpt = Checkpointer(tmp_path / "checkpoints", every_steps=4, keep=3)
     assert ckpt.latest_step() == 4  # the last save before the bad step, finished and intact
     ckpt.close()
@@ -195,8 +231,8 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_pat
 
 
 def test_nan_skip_policy_leaves_params_unchanged_for_that_step(tmp_path, cache_dir):
-    cfg = tiny_config(cache_dir, num_steps=3, **{"debug.nan_at_step": 3, "on_nonfinite": "skip", "checkpoint.every_steps": 1})
-    out = train(cfg, tmp_path)
+    cfg = tiny_config(cache_dir, num_steps=3, **{"on_nonfinite": "skip", "checkpoint.every_steps": 1})
+    out = train(cfg, tmp_path, batch_hook=nan_image_at(3))
     assert out["step"] == 3
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records if r["split"] == "train"] == [0, 0, 1]
@@ -207,9 +243,9 @@ def test_nan_skip_policy_leaves_params_unchanged_for_that_step(tmp_path, cache_d
 
 
 def test_out_of_range_label_in_a_batch_stops_naming_the_step(tmp_path, cache_dir):
-    cfg = tiny_config(cache_dir, num_steps=4, **{"debug.bad_label_at_step": 2})
+    cfg = tiny_config(cache_dir, num_steps=4)
     with pytest.raises(BadLabelError, match=r"step 2: 1 label\(s\) outside \[0, num_classes\)"):
-        train(cfg, tmp_path)
+        train(cfg, tmp_path, batch_hook=bad_label_at(2, cfg.data.num_identities))
 
 
 @pytest.mark.parametrize(
@@ -222,7 +258,7 @@ def test_out_of_range_label_in_a_batch_stops_naming_the_step(tmp_path, cache_dir
         ({"model.name": "r1000"}, "model.name 'r1000' unknown"),
         ({"num_epochs": 2.0}, "set exactly one of num_steps"),
         ({"schedule.warmup_steps": 1000}, r"schedule.warmup_steps=1000 must be in \[0, num_steps="),
-        ({"eval.sets": "lfw"}, "eval set 'lfw'.*lfw.bin not found"),
+        ({"eval.sets": "lfw"}, "eval set: verification set 'lfw' not found: .*lfw.bin"),
     ],
 )
 def test_bad_config_is_a_clear_error_before_any_compile(tmp_path, cache_dir, overrides, error):
@@ -342,8 +378,8 @@ def test_float16_dynamic_loss_scale_halves_on_overflow_and_skips_the_step(tmp_pa
     """GradScaler semantics: start at 2**16, halve and skip on a non-finite gradient,
     keep the scale otherwise (growth after 2000 good steps); overflow is not an error."""
     n, nan_step = 8, 7
-    cfg = tiny_config(cache_dir, num_steps=n, **{"model.dtype": "float16", "debug.nan_at_step": nan_step, "checkpoint.every_steps": 1, "checkpoint.keep": 0})
-    out = train(cfg, tmp_path)
+    cfg = tiny_config(cache_dir, num_steps=n, **{"model.dtype": "float16", "checkpoint.every_steps": 1, "checkpoint.keep": 0})
+    out = train(cfg, tmp_path, batch_hook=nan_image_at(nan_step))
     assert out["step"] == n
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     skipped = [r["skipped"] for r in records]

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 
 from x2jax.train import config as config_lib
+from x2jax.models.io import load_backbone
 from x2jax.train.checkpointing import (
     CheckpointCorruptError,
     CheckpointMismatchError,
     PreemptionWatcher,
     RunInterrupted,
-    load_backbone,
 )
 from x2jax.train.loop import train
 from x2jax.train.workdir_lock import WorkdirInUseError, WorkdirLock
 
-from test_train import ROOT, _assert_trees_bitwise_equal, _final_state_arrays, cache_dir, tiny_config  # noqa: F401
+from test_train import ROOT, _assert_trees_bitwise_equal, _final_state_arrays, tiny_config
 
 
 def _env():
@@ -291,6 +291,8 @@ def test_override_of_a_float_key_takes_an_int():
     ("optimizer.name=sgdd", "optimizer.name must be one of"),
     ("resume_mismatch=maybe", "resume_mismatch must be 'error' or 'allow'"),
     ("distributed.initialization_timeout_s=0", "initialization_timeout_s and distributed.heartbeat_timeout_s"),
+    ("mesh.rules.classes=data,modle", r"mesh.rules: sharding rule classes: unknown mesh axes \['modle'\]"),
+    ("mesh.rules.batch=", "mesh.rules.batch must name at least one mesh axis"),
 ])
 def test_every_name_is_checked_before_any_data_work(tmp_path, cache_dir, override, error, monkeypatch):
     from x2jax.train import inputs  # noqa: PLC0415
@@ -303,3 +305,18 @@ def test_every_name_is_checked_before_any_data_work(tmp_path, cache_dir, overrid
 def test_more_devices_than_available_is_an_error(tmp_path, cache_dir):
     with pytest.raises(ValueError, match=rf"mesh.num_devices=16 but only {jax.device_count()} device"):
         train(tiny_config(cache_dir, **{"mesh.num_devices": 16}), tmp_path)
+
+
+def test_sharding_rules_of_the_config_shard_the_state(cache_dir):
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    from x2jax.parallel.sharding import ShardingRules  # noqa: PLC0415
+    from x2jax.train.setup import build_step, make_run_mesh  # noqa: PLC0415
+
+    c = tiny_config(cache_dir, **{"mesh.model": 2, "mesh.rules.classes": "model"})
+    config_lib.validate(c)
+    rules = ShardingRules.from_config(c.mesh.rules)
+    mesh = make_run_mesh(c, rules)
+    step = build_step(c, mesh, rules, num_classes=48, image_size=16, total_steps=8)
+    w = step.abstract_state.params["head"]["weight"]
+    assert w.sharding.spec == P(("model",), None) and dict(mesh.shape) == {"data": 4, "model": 2}

@@ -4,11 +4,11 @@
 user set that flag already):
 
 * :data:`CPU_CONV_FLAG`. On XLA:CPU (jaxlib 0.10) convolutions are handed to
-  YNNPACK by default. On the IResNet shapes at 56 and 112 px YNNPACK's
-  convolution weight gradient runs at 4-54 GFLOP/s; XLA's own (Eigen) kernels
-  are up to 3.6x faster per layer and 1.26-1.35x on whole IResNet-18/50 training
-  steps (``python benchmarks/conv_grads.py`` and ``benchmarks/backbone_step.py``,
-  each with and without ``--ynn-convs``; docs/benchmarks.md). The flag removes
+  YNNPACK by default, whose convolution weight gradients are slow on IResNet's
+  shapes at 56 and 112 px; XLA's own (Eigen) kernels are faster per layer and
+  on whole training steps (``python benchmarks/conv_grads.py`` and
+  ``benchmarks/backbone_step.py``, each with and without ``--ynn-convs``;
+  figures in docs/benchmarks.md). The flag removes
   convolutions from the YNNPACK fusion list and keeps YNNPACK for everything
   else (elementwise and reduction fusions, where it is the faster one)::
 

@@ -6,12 +6,12 @@ Stream (one per process)::
            the same on every process); process i of n takes positions i, n + i, 2n + i, ... of
            P_e, ``len(source) // n`` records (the remainder is dropped, a
            different one every epoch), so processes are disjoint and equal.
-  -> decode (JPEG / PNG via PIL, or an already decoded array)
+  -> decode (:func:`x2jax.data.images.decode_image`, or an already decoded array)
   -> random horizontal flip (p = 0.5, a splitmix64 hash of (seed, shard, position))
   -> batch ``batch_size`` records, skipping corrupt ones (or raising): undecodable,
      of the wrong size, or unreadable (a RecordIO framing error)
-  -> normalise ``(x / 255 - 0.5) / 0.5`` to float32 (in the consuming process:
-     worker processes send uint8 batches, a quarter of the bytes)
+  -> normalise ``(x / 255 - 0.5) / 0.5`` to float32 (:func:`x2jax.data.images.normalize`, in
+     the consuming process: worker processes send uint8 batches, a quarter of the bytes)
 
 Epochs are concatenated (a batch may straddle two epochs); ``num_epochs=None``
 is endless; with a finite count the last partial batch is dropped.
@@ -43,7 +43,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from x2jax.data.recordio import RecordIOError, decode_image
+from x2jax.data.images import decode_image, normalize
+from x2jax.data.recordio import RecordIOError
 from x2jax.data.sources import ArraySource, EmptyDatasetError
 
 log = logging.getLogger(__name__)
@@ -230,14 +231,6 @@ class _GuardedSource:
             else:
                 error = getattr(e, "reason", str(e))
             return {"image": None, "label": -1, "key": key, "error": error, "error_kind": "read"}
-
-
-def normalize(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3) -> float32 ``(x / 255 - 0.5) / 0.5 = x * 2/255 - 1`` in [-1, 1]."""
-    out = images_uint8.astype(np.float32)
-    out *= np.float32(2.0 / 255.0)
-    out -= np.float32(1.0)
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -510,7 +503,7 @@ def make_train_loader(
 
     Args:
       source: random-access source with ``len`` and ``[i] -> {'image', 'label', 'key'}``
-        (see ``x2jax.data.sources``); its ``image_size`` (H, W) is enforced.
+        (see :mod:`x2jax.data.sources`); its ``image_size`` (H, W) is enforced.
       batch_size: per-process batch size B.
       seed: shuffle / flip seed; identical on all processes.
       shard_index, shard_count: this process and the process count

@@ -3,7 +3,7 @@
 Names follow ``mxnet.recordio`` so insightface users recognise them:
 ``MXRecordIO``, ``MXIndexedRecordIO`` (``.keys``, ``.read_idx(key)``,
 ``.write_idx(key, buf)``), ``IRHeader``, ``pack`` / ``unpack`` and
-``pack_img`` / ``unpack_img``.
+``pack_img`` / ``unpack_img`` (the image codec is :mod:`x2jax.data.images`).
 
 Framing (dmlc-core ``recordio.h``), little endian::
 
@@ -19,12 +19,7 @@ Payload header ``IRHeader`` (struct ``'IfQQ'``, 24 bytes): flag, label, id,
 id2. If ``flag > 0``, ``flag`` float32 labels follow the header (and the
 header's own label field is 0).
 
-insightface datasets (``train.rec``, ``train.idx``, ``property``): record 0
-has labels ``(first_identity_record, end_identity_record)``; images are
-records ``1 .. first_identity_record - 1`` labelled with their identity;
-identity record ``first_identity_record + c`` has labels ``(start, end)``, the
-image keys of identity ``c``. ``property`` holds ``num_classes,H,W``.
-:func:`read_insightface_rec` reads that layout.
+The insightface dataset layout on top of this is :mod:`x2jax.data.insightface_rec`.
 
 Reads use ``os.pread`` on a file descriptor opened per process, so one reader
 object can be shared by threads and pickled to worker processes.
@@ -32,8 +27,6 @@ object can be shared by threads and pickled to worker processes.
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import numbers
 import os
 import struct
@@ -41,6 +34,8 @@ from collections import namedtuple
 from typing import Any, Hashable, Sequence
 
 import numpy as np
+
+from x2jax.data import images
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -417,228 +412,24 @@ def unpack(s: bytes) -> tuple[IRHeader, bytes]:
 def pack_img(
     header: IRHeader | Sequence[Any], img: np.ndarray, quality: int = 95, img_fmt: str = ".jpg"
 ) -> bytes:
-    """Encodes an RGB uint8 (H, W, 3) image (JPEG or PNG, via PIL) and packs it.
+    """Encodes an image (:func:`x2jax.data.images.encode_image`) and packs it.
 
-    Unlike MXNet (OpenCV, BGR arrays) the array here is RGB; the encoded file is
-    the same either way.
+    Args:
+      header: the IRHeader (or its 4 fields).
+      img: RGB uint8 (H, W, 3) or grey (H, W); MXNet's takes OpenCV BGR, the file is the same.
+      quality: JPEG quality.
+      img_fmt: ``.jpg`` or ``.png``.
+
+    Returns:
+      The record payload: header, labels, encoded image.
+
+    Raises:
+      ValueError: not a uint8 image, or another format.
     """
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-
-    img = np.asarray(img)
-    if img.dtype != np.uint8 or img.ndim not in (2, 3):
-        raise ValueError(f"pack_img expects uint8 (H, W[, 3]), got {img.dtype} {img.shape}")
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(img_fmt.lower())
-    if fmt is None:
-        raise ValueError(f"img_fmt must be .jpg or .png, got {img_fmt!r}")
-    buf = io.BytesIO()
-    kwargs = {"quality": quality} if fmt == "JPEG" else {}
-    Image.fromarray(img).save(buf, format=fmt, **kwargs)
-    return pack(header, buf.getvalue())
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 (H, W, 3). Raises ``ValueError`` if undecodable."""
-    from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises several types (OSError, SyntaxError, ...)
-        detail = str(e)
-        if isinstance(e, UnidentifiedImageError):  # its message names a BytesIO address
-            detail = f"not an image format PIL knows (first bytes {bytes(data[:8]).hex()})"
-        raise ValueError(f"cannot decode image ({len(data)} bytes): {detail}") from e
+    return pack(header, images.encode_image(img, img_fmt, quality=quality))
 
 
 def unpack_img(s: bytes) -> tuple[IRHeader, np.ndarray]:
     """(IRHeader, RGB uint8 (H, W, 3) image). MXNet's version returns BGR."""
     header, payload = unpack(s)
-    return header, decode_image(payload)
-
-
-# -- insightface layout ------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class InsightFaceRec:
-    """An insightface dataset folder: image record keys and their int labels."""
-
-    rec_path: str
-    idx_path: str
-    image_keys: np.ndarray  # int64 (N,)
-    labels: np.ndarray  # int32 (N,)
-    num_classes: int
-    image_size: tuple[int, int]  # (H, W) from `property`
-
-    def reader(self) -> MXIndexedRecordIO:
-        return MXIndexedRecordIO(self.idx_path, self.rec_path, "r")
-
-
-def _scalar_label(label: Any) -> float:
-    if isinstance(label, numbers.Number):
-        return float(label)
-    return float(np.asarray(label).ravel()[0])
-
-
-def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
-    """``property`` file -> (num_classes, H, W)."""
-    path = os.fspath(path)
-    text = open(path).read().strip()
-    try:
-        num_classes, h, w = (int(v) for v in text.split(","))
-    except ValueError as e:
-        raise ValueError(f"{path}: expected 'num_classes,H,W', got {text!r}") from e
-    return num_classes, h, w
-
-
-def read_insightface_rec(
-    directory: str | os.PathLike,
-    *,
-    prefix: str = "train",
-    labels_from: str = "auto",
-    check_labels: int = 1000,
-) -> InsightFaceRec:
-    """Reads the index of ``<directory>/{train.rec, train.idx, property}``.
-
-    ``labels_from='auto'``: labels from the identity records (record 0 gives
-    their range; one small read per identity), checked against the image headers
-    of up to ``check_labels`` identities; falls back to 'headers' without record
-    0 or when record keys pass 2**24 (float32 labels stop being exact integers).
-    ``labels_from='headers'``: every image record's header (~40 bytes read each;
-    records with an empty payload, i.e. record 0 and identity records, are not
-    images). Raises with the path when files are missing and when labels fall
-    outside ``[0, num_classes)``.
-    """
-    if labels_from not in ("auto", "headers"):
-        raise ValueError(f"labels_from must be 'auto' or 'headers', got {labels_from!r}")
-    directory = os.fspath(directory)
-    rec_path = os.path.join(directory, f"{prefix}.rec")
-    idx_path = os.path.join(directory, f"{prefix}.idx")
-    for p in (rec_path, idx_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(
-                f"insightface dataset file missing: {p} (expected {prefix}.rec, {prefix}.idx, "
-                f"property in {directory})"
-            )
-    prop_path = os.path.join(directory, "property")
-    prop = read_property(prop_path) if os.path.isfile(prop_path) else None
-
-    rec = MXIndexedRecordIO(idx_path, rec_path, "r")
-    try:
-        header0 = rec.read_header_idx(0) if 0 in rec.idx else None
-        has_record0 = header0 is not None and header0.flag > 0
-        use_identity_records = (
-            labels_from == "auto"
-            and has_record0
-            and float(np.max(header0.label[:2])) <= 2**24
-            and int(header0.label[1]) > int(header0.label[0])
-        )
-        if use_identity_records:
-            first_id, end_id = int(header0.label[0]), int(header0.label[1])
-            image_keys = np.arange(1, first_id, dtype=np.int64)
-            labels = np.full(image_keys.shape, -1, np.int64)
-            id_keys = range(first_id, end_id)
-            for c, key in enumerate(id_keys):
-                h = rec.read_header_idx(key)
-                if h.flag < 2:
-                    raise RecordIOError(f"{rec_path}: identity record {key} has no (start, end) label")
-                a, b = int(h.label[0]), int(h.label[1])
-                if not 1 <= a <= b <= first_id:
-                    raise RecordIOError(
-                        f"{rec_path}: identity record {key} has image range ({a}, {b}) outside "
-                        f"[1, {first_id})"
-                    )
-                labels[a - 1 : b - 1] = c
-            if (labels < 0).any():
-                missing = int(image_keys[np.argmax(labels < 0)])
-                raise RecordIOError(f"{rec_path}: image record {missing} belongs to no identity record")
-            step = max(1, len(id_keys) // max(1, check_labels))
-            for c in range(0, len(id_keys) if check_labels > 0 else 0, step):
-                h = rec.read_header_idx(id_keys[c])
-                a = int(h.label[0])
-                if a < int(h.label[1]):
-                    try:
-                        got = _scalar_label(rec.read_header_idx(a).label)
-                    except RecordIOError:
-                        continue  # an unreadable image record: the loader skips (or raises on) it
-                    if int(got) != c:
-                        raise RecordIOError(
-                            f"{rec_path}: image record {a} is labelled {got} in its header but "
-                            f"identity record {id_keys[c]} (identity {c}) claims it; labels are "
-                            "not in identity-record order: use labels_from='headers'"
-                        )
-        else:
-            keys, label_list = [], []
-            for k in sorted(rec.keys):
-                h, payload_len = rec._header_and_payload_len(k)  # pylint: disable=protected-access
-                if has_record0 and payload_len == 0:
-                    continue  # record 0 / identity records
-                keys.append(k)
-                label_list.append(_scalar_label(h.label))
-            image_keys = np.array(keys, dtype=np.int64)
-            labels = np.array(label_list, np.int64)
-    finally:
-        rec.close()
-
-    num_classes = prop[0] if prop else (int(labels.max()) + 1 if labels.size else 0)
-    image_size = (prop[1], prop[2]) if prop else (112, 112)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
-        raise RecordIOError(
-            f"{rec_path}: image record {int(image_keys[bad])} has label {int(labels[bad])} "
-            f"outside [0, {num_classes}) (num_classes from {prop_path if prop else 'the labels'})"
-        )
-    return InsightFaceRec(
-        rec_path, idx_path, image_keys, labels.astype(np.int32), int(num_classes), image_size
-    )
-
-
-def write_insightface_rec(
-    directory: str | os.PathLike,
-    images: Sequence[bytes] | np.ndarray,
-    labels: Sequence[int] | np.ndarray,
-    *,
-    num_classes: int | None = None,
-    image_size: tuple[int, int] | None = None,
-    quality: int = 95,
-    prefix: str = "train",
-) -> None:
-    """Writes insightface's layout: images sorted by label, identity records, record 0.
-
-    ``images`` is either a list of encoded bytes or a uint8 array (N, H, W, 3)
-    (encoded as JPEG here). Image ``i`` is stored with header label ``labels[i]``.
-    """
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    labels = np.asarray(labels, np.int64)
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if num_classes is None:
-        num_classes = int(labels.max()) + 1 if labels.size else 0
-    num_classes = int(num_classes)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
-    order = np.argsort(labels, kind="stable")
-    n = len(labels)
-    rec = MXIndexedRecordIO(
-        os.path.join(directory, f"{prefix}.idx"), os.path.join(directory, f"{prefix}.rec"), "w"
-    )
-    first_id = n + 1
-    rec.write_idx(0, pack(IRHeader(0, [first_id, first_id + num_classes], 0, 0), b""))
-    for key, i in enumerate(order, 1):
-        header = IRHeader(0, float(labels[i]), key, 0)
-        img = images[i]
-        if isinstance(img, (bytes, bytearray)):
-            rec.write_idx(key, pack(header, img))
-        else:
-            if image_size is None:
-                image_size = tuple(np.asarray(img).shape[:2])
-            rec.write_idx(key, pack_img(header, np.asarray(img), quality=quality))
-    sorted_labels = labels[order]
-    for c in range(num_classes):
-        start = int(np.searchsorted(sorted_labels, c, "left")) + 1
-        end = int(np.searchsorted(sorted_labels, c, "right")) + 1
-        rec.write_idx(first_id + c, pack(IRHeader(0, [start, end], 0, 0), b""))
-    rec.close()
-    if image_size is None:
-        image_size = decode_image(images[0]).shape[:2] if n else (112, 112)
-    with open(os.path.join(directory, "property"), "w") as f:
-        f.write(f"{num_classes},{image_size[0]},{image_size[1]}\n")
+    return header, images.decode_image(payload)

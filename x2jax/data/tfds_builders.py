@@ -1,4 +1,4 @@
-"""TFDS dataset builders (ArrayRecord files; no TensorFlow needed).
+"""TFDS dataset builders (ArrayRecord files; no TensorFlow needed) and their training source.
 
 Prepare once, then read with ``tfds.data_source`` (random access, grain):
 
@@ -9,13 +9,14 @@ Prepare once, then read with ``tfds.data_source`` (random access, grain):
   (0 .. 2N-1), issame (of the image's pair), split ``test``. Real sets read
   ``<manual_dir>/<set>.bin``; ``synthetic_small`` / ``synthetic_large`` are
   generated.
-- ``insightface_rec/<name>``: a ``train.rec`` folder (``<manual_dir>/<name>/``
+- ``insightface_rec/<name>``: an insightface ``train.rec`` folder (``<manual_dir>/<name>/``
   or ``rec_dir=``), JPEG bytes kept as stored, label, key (record key).
 - ``face_image_folder``: ``root/<identity>/<image>`` (``<manual_dir>`` or
   ``root=``), image bytes as stored, label (sorted identity order), identity
   name.
 
-Metadata ``num_classes`` and ``image_size`` are stored with the dataset.
+Metadata ``num_classes`` and ``image_size`` are stored with the dataset and
+read back by :class:`TfdsSource`, the training source over a prepared split.
 TFDS shuffles examples when writing: use ``index`` / ``key`` to recover order.
 Importing this module registers the builders.
 """
@@ -24,27 +25,25 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import io
 import os
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from x2jax.data import recordio, sources, synthetic, verification_bin
+from x2jax.data import insightface_rec, synthetic, verification_bin
+from x2jax.data.image_folder import scan_image_folder
+from x2jax.data.images import encode_image
+from x2jax.data.recordio import unpack
+from x2jax.data.sources import EmptyDatasetError
 
 _CITATION_INSIGHTFACE = "https://github.com/deepinsight/insightface"
 
 
 def _encode(img: np.ndarray, fmt: str) -> bytes:
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-
-    buf = io.BytesIO()
-    if fmt == "png":
-        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-    else:
-        Image.fromarray(img).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+    """Stored image bytes: PNG at zlib level 1 (fast, lossless) or JPEG quality 95."""
+    return encode_image(img, fmt, quality=95, compress_level=1)
 
 
 def _manual_path(dl_manager, override: str | None, *parts: str) -> str:
@@ -200,13 +199,14 @@ def read_verification_source(ds) -> tuple[list[bytes], np.ndarray]:
 
 # ---------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
-class InsightfaceRecConfig(tfds.core.BuilderConfig):
+class InsightFaceRecConfig(tfds.core.BuilderConfig):
     prefix: str = "train"
 
 
-class InsightfaceRec(_Builder):
+class InsightFaceRecBuilder(_Builder):
     """insightface RecordIO training sets (MS1MV2/3, Glint360K, ...), JPEG bytes kept."""
 
+    name = "insightface_rec"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -215,7 +215,7 @@ class InsightfaceRec(_Builder):
         "builder_kwargs={'rec_dir': ...}."
     )
     BUILDER_CONFIGS = [
-        InsightfaceRecConfig(name=n, description=f"<manual_dir>/{n}/train.rec")
+        InsightFaceRecConfig(name=n, description=f"<manual_dir>/{n}/train.rec")
         for n in ("ms1mv3", "ms1mv2", "glint360k", "webface42m", "casia_webface", "custom")
     ]
 
@@ -241,17 +241,17 @@ class InsightfaceRec(_Builder):
 
     def _split_generators(self, dl_manager):
         rec_dir = _manual_path(dl_manager, self._rec_dir, self.builder_config.name)
-        info = recordio.read_insightface_rec(rec_dir, prefix=self.builder_config.prefix)
-        sources.require_images_in_rec(info)
+        info = insightface_rec.read_insightface_rec(rec_dir, prefix=self.builder_config.prefix)
+        insightface_rec.require_images_in_rec(info)
         self.info.metadata.update(
             num_classes=info.num_classes, image_size=list(info.image_size), source=rec_dir
         )
         return {"train": self._generate_examples(info)}
 
-    def _generate_examples(self, info: recordio.InsightFaceRec):
+    def _generate_examples(self, info: insightface_rec.InsightFaceRec):
         rec = info.reader()
         for key, label in zip(info.image_keys, info.labels):
-            _, payload = recordio.unpack(rec.read_idx(int(key)))
+            _, payload = unpack(rec.read_idx(int(key)))
             yield int(key), {"image": payload, "label": int(label), "key": int(key)}
         rec.close()
 
@@ -289,7 +289,7 @@ class FaceImageFolder(_Builder):
 
     def _split_generators(self, dl_manager):
         root = _manual_path(dl_manager, self._root)
-        paths, labels, names = sources.scan_image_folder(root)
+        paths, labels, names = scan_image_folder(root)
         self.info.metadata.update(num_classes=len(names), image_size=list(self._image_size), source=root)
         return {"train": self._generate_examples(paths, labels, names)}
 
@@ -298,3 +298,83 @@ class FaceImageFolder(_Builder):
             with open(path, "rb") as f:
                 data = f.read()
             yield i, {"image": data, "label": int(label), "identity": names[label]}
+
+
+# ---------------------------------------------------------------------------
+class TfdsSource:
+    """Training source over a ``tfds.data_source`` split with 'image' (bytes) and 'label'.
+
+    Prepared on first use. Opened with ``SkipDecoding`` on the image so decoding
+    (and the corrupt-image policy) stays in the loader.
+
+    Args:
+      name: ``builder/config`` (e.g. ``insightface_rec/ms1mv3``).
+      data_dir: the TFDS data folder.
+      split: the split to read.
+      num_classes: default the dataset metadata's ``num_classes``.
+      image_size: (H, W); default the metadata's ``image_size``, else 112x112.
+      builder_kwargs: passed to ``tfds.builder`` (e.g. ``config=``, ``rec_dir=``).
+      download_and_prepare_kwargs: passed to ``download_and_prepare``.
+
+    Raises:
+      EmptyDatasetError: the split has no records.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        data_dir: str | os.PathLike | None,
+        split: str = "train",
+        num_classes: int | None = None,
+        image_size: tuple[int, int] | None = None,
+        builder_kwargs: dict[str, Any] | None = None,
+        download_and_prepare_kwargs: dict[str, Any] | None = None,
+    ):
+        self.name, self.split = name, split
+        self.data_dir = None if data_dir is None else os.fspath(data_dir)
+        self._kwargs = dict(
+            builder_kwargs=builder_kwargs, download_and_prepare_kwargs=download_and_prepare_kwargs
+        )
+        builder = tfds.builder(name, data_dir=self.data_dir, **(builder_kwargs or {}))
+        if not builder.is_prepared():
+            builder.download_and_prepare(**(download_and_prepare_kwargs or {}))
+        meta = dict(builder.info.metadata or {})
+        self.num_classes = int(num_classes if num_classes is not None else meta["num_classes"])
+        size = image_size if image_size is not None else meta.get("image_size", (112, 112))
+        self.image_size = tuple(int(s) for s in size)
+        self.image_size_origin = (
+            "TfdsSource's image_size argument" if image_size is not None else f"the TFDS metadata of {name}"
+        )
+        self._source = None
+        self._len = None
+        self._open()
+        if self._len == 0:
+            raise EmptyDatasetError(
+                f"tfds {name} split {split!r} in {builder.data_dir}: the dataset is empty (0 records)"
+            )
+
+    def _open(self):
+        builder = tfds.builder(self.name, data_dir=self.data_dir, **(self._kwargs["builder_kwargs"] or {}))
+        self._source = builder.as_data_source(
+            split=self.split, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        self._len = len(self._source)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_source"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._source is None:
+            self._open()
+        ex = self._source[index]
+        return {
+            "image": ex["image"],
+            "label": int(ex["label"]),
+            "key": f"tfds {self.name}[{self.split}][{index}]",
+        }

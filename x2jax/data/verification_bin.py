@@ -14,14 +14,13 @@ raises :class:`UnsafePickleError` before anything is called.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from typing import Sequence
 
 import numpy as np
 
-from x2jax.data.recordio import decode_image
+from x2jax.data.images import decode_image, encode_image
 
 VERIFICATION_NAMES = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
 
@@ -133,30 +132,28 @@ def read_bin_raw(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     return _check_structure(path, obj)
 
 
-def decode_and_resize(data: bytes, image_size: tuple[int, int] | None) -> np.ndarray:
-    """Encoded bytes -> RGB uint8 (H, W, 3), resized (bilinear) when the size differs."""
-    img = decode_image(data)
-    if image_size is not None and img.shape[:2] != tuple(image_size):
-        from PIL import Image  # pylint: disable=import-outside-toplevel
-
-        img = np.asarray(Image.fromarray(img).resize((image_size[1], image_size[0]), Image.BILINEAR))
-    return img
-
-
 def load_bin(
     path: str | os.PathLike, image_size: tuple[int, int] | None = (112, 112)
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a ``.bin``: (images uint8 (2N, H, W, 3) RGB, issame bool (N,)).
+    """Reads a ``.bin`` and decodes its images.
 
-    Images of another size are resized to ``image_size`` (insightface does the
-    same); ``image_size=None`` keeps the stored size (all must agree).
-    Undecodable images raise ``ValueError`` naming the file and image index.
+    Args:
+      path: the ``.bin`` file.
+      image_size: (H, W); images of another size are resized (bilinear, as
+        insightface does). ``None`` keeps the stored size (all must agree).
+
+    Returns:
+      (images uint8 (2N, H, W, 3) RGB, issame bool (N,)).
+
+    Raises:
+      ValueError: an undecodable image (naming the file and image index), or
+        differing sizes with ``image_size=None``; see :func:`read_bin_raw` for the rest.
     """
     bins, issame = read_bin_raw(path)
     images = []
     for i, b in enumerate(bins):
         try:
-            images.append(decode_and_resize(b, image_size))
+            images.append(decode_image(b, image_size))
         except ValueError as e:
             raise ValueError(f"{os.fspath(path)}: image {i} (pair {i // 2}): {e}") from e
     shapes = {im.shape for im in images}
@@ -170,17 +167,6 @@ def load_bin(
     return np.stack(images), issame
 
 
-def encode_image(img: np.ndarray, fmt: str = "JPEG", quality: int = 95) -> bytes:
-    """RGB uint8 (H, W, 3) -> encoded bytes (JPEG or PNG)."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(img, np.uint8)).save(
-        buf, format=fmt, **({"quality": quality} if fmt.upper() == "JPEG" else {})
-    )
-    return buf.getvalue()
-
-
 def write_bin(
     path: str | os.PathLike,
     images: np.ndarray | Sequence[bytes],
@@ -192,14 +178,29 @@ def write_bin(
 ) -> None:
     """Writes a ``.bin`` as insightface does: ``pickle.dump((bins, issame_list))``.
 
-    ``images`` is uint8 (2N, H, W, 3) (encoded here as ``fmt``) or 2N byte strings.
+    Args:
+      path: output file (its folder is created).
+      images: uint8 (2N, H, W, 3) (encoded here as ``fmt``; other dtypes are
+        cast to uint8) or 2N byte strings (stored as given).
+      issame: N booleans, one per pair.
+      fmt: ``JPEG`` or ``PNG``.
+      quality: JPEG quality.
+      protocol: pickle protocol.
+
+    Raises:
+      ValueError: not exactly 2 images per pair.
     """
     issame = [bool(s) for s in np.asarray(issame).reshape(-1)]
     if len(images) != 2 * len(issame):
         raise ValueError(
             f"write_bin: {len(images)} images but {len(issame)} pairs (need exactly 2 images per pair)"
         )
-    bins = [img if isinstance(img, (bytes, bytearray)) else encode_image(img, fmt, quality) for img in images]
+    bins = [
+        img
+        if isinstance(img, (bytes, bytearray))
+        else encode_image(np.asarray(img, np.uint8), fmt, quality=quality)
+        for img in images
+    ]
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "wb") as f:

@@ -1,4 +1,8 @@
-"""Evaluation: verification pairs (insightface protocol), IJB-B/C 1:1, export, loading."""
+"""Evaluation: verification pairs (insightface protocol), IJB-B/C 1:1, export, loading.
+
+Modules: ``sets`` (verification sets by name), ``report`` (tables, JSON, ROC
+figures), ``main`` (the ``eval.py`` command line).
+"""
 
 from x2jax.evaluation.loading import load_for_eval
 from x2jax.evaluation.verification import (

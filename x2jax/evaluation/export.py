@@ -21,35 +21,48 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import export as jax_export
 
-ApplyFn = Callable[[Any, jax.Array], jax.Array]
+from x2jax.evaluation.loading import model_spec
+from x2jax.models.spec import ModelSpec
 
 
 def export_embedding(
-    apply_fn: ApplyFn,
+    spec: Any,
     variables: Any,
     *,
-    image_size: int,
     bake_variables: bool = True,
     platforms: Sequence[str] | None = None,
 ) -> jax_export.Exported:
-    """Lower ``apply_fn(variables, images)`` for images (b, S, S, 3) float32, b symbolic.
+    """Lower the embedding of ``spec`` for images (b, S, S, 3) float32, b symbolic.
 
-    When ``apply_fn`` is a module's ``apply`` (or a ``functools.partial`` of it) and
-    the module's ``conv_impl`` is not "xla", the module is exported with
-    ``conv_impl="xla"``: the conv implementation is a runtime choice (same
-    parameters, same function) and the others may be custom calls ("onednn", or
-    "auto" where it picks onednn) that ``jax.export`` cannot serialise.
+    The module is ``spec.replace(conv_impl="xla").build()``: the conv implementation
+    is a runtime choice (same parameters, same function) and the others may be
+    custom calls ("onednn", or "auto" where it picks onednn) that ``jax.export``
+    cannot serialise.
+
+    Args:
+      spec: a :class:`~x2jax.models.spec.ModelSpec`, or a
+        :func:`~x2jax.evaluation.loading.load_for_eval` ``info`` dict to build one from.
+      variables: the backbone's ``{'params', 'batch_stats'}``.
+      bake_variables: weights as constants (``fn(images)``) or as the first argument
+        (``fn(variables, images)``).
+      platforms: to lower for (default: the current backend).
+
+    Returns:
+      The ``jax.export.Exported`` function.
     """
-    apply_fn = _with_xla_convs(apply_fn)
+    if not isinstance(spec, ModelSpec):
+        spec = model_spec(spec)
+    module = spec.replace(conv_impl="xla").build()
+    apply_fn = functools.partial(module.apply, train=False)
     (batch,) = jax_export.symbolic_shape("b")
-    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((batch, spec.image_size, spec.image_size, 3), jnp.float32)
     if bake_variables:
         fn = jax.jit(lambda x: apply_fn(variables, x))
         args = (images,)
@@ -57,20 +70,6 @@ def export_embedding(
         fn = jax.jit(apply_fn)
         args = (jax.tree.map(lambda v: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)), variables), images)
     return jax_export.export(fn, platforms=platforms)(*args)
-
-
-def _with_xla_convs(apply_fn: ApplyFn) -> ApplyFn:
-    """``apply_fn`` with its module cloned to ``conv_impl="xla"`` (unchanged if not a module's apply)."""
-    if isinstance(apply_fn, functools.partial):
-        inner = _with_xla_convs(apply_fn.func)
-        if inner is apply_fn.func:
-            return apply_fn
-        return functools.partial(inner, *apply_fn.args, **apply_fn.keywords)
-    module = getattr(apply_fn, "__self__", None)
-    if (getattr(apply_fn, "__name__", None) != "apply" or not hasattr(module, "clone")
-            or getattr(module, "conv_impl", "xla") == "xla"):
-        return apply_fn
-    return module.clone(conv_impl="xla").apply
 
 
 def save_exported(path: str | os.PathLike, exported: jax_export.Exported) -> str:

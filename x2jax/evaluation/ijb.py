@@ -395,23 +395,3 @@ def evaluate_ijb(
     result = evaluate_scores(meta.pair_labels, scores, meta.target)
     result.update(num_images=len(meta.names), num_templates=len(ids))
     return result
-
-
-def format_tar_table(results: Sequence[IJBResult]) -> str:
-    """Plain-text table: one row per result, TAR (%) per FAR column, as insightface prints."""
-    header = ["set"] + [f"{far:.0e}" for far in FARS] + ["AUC %"]
-    rows = [
-        [r["target"]] + [f"{100 * r['tar_at_far'][far]:.2f}" for far in FARS] + [f"{100 * r['auc']:.2f}"]
-        for r in results
-    ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths)) for line in [header, *rows]]
-    return "\n".join(lines)
-
-
-def plot_ijb_roc(results: Sequence[IJBResult], path: str) -> str:
-    """IJB ROC figure: log FPR from 1e-6 to 1e-1, one line per result."""
-    from x2jax.evaluation.plots import plot_roc
-
-    curves = {f"{r['target']} (AUC {100 * r['auc']:.2f}%)": (r["fpr"], r["tpr"]) for r in results}
-    return plot_roc(curves, path, title="ROC on IJB", log_fpr=True, fpr_range=(1e-6, 1e-1))

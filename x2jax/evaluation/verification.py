@@ -40,7 +40,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from x2jax.parallel.mesh import mesh_axis_size
+from x2jax.parallel.sharding import DEFAULT_RULES, batch_sharding, replicated
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 """Accuracy/ROC thresholds on the squared distance (insightface)."""
@@ -274,9 +277,10 @@ def embed_images(
     (B, H, W, 3) to (B, E). The last batch is zero-padded to ``batch_size`` (one
     compiled shape) and the padding rows are dropped.
 
-    With ``mesh``, each batch is sharded over the mesh's ``"data"`` axis and the
+    With ``mesh``, each batch is split over the mesh's batch axes
+    (:func:`x2jax.parallel.batch_sharding`, the ``"data"`` axis) and the
     variables are replicated; ``batch_size`` must then be a multiple of the
-    ``"data"`` axis size. ``apply_fn`` is a static jit argument: pass the same
+    number of batch shards. ``apply_fn`` is a static jit argument: pass the same
     object (e.g. one ``module.apply``) between calls to reuse the compilation.
 
     Returns float32 numpy (num_images, E).
@@ -289,15 +293,18 @@ def embed_images(
     n = images.shape[0]
     if n == 0:
         raise ValueError("no images to embed")
-    batch_sharding = None
+    in_sharding = None
     if mesh is not None:
-        if "data" not in mesh.axis_names:
-            raise ValueError(f"mesh has no 'data' axis: {mesh.axis_names}")
-        data_size = mesh.shape["data"]
-        if batch_size % data_size:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of the mesh 'data' axis size {data_size}")
-        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+        axes = DEFAULT_RULES.batch
+        missing = [a for a in axes if a not in mesh.axis_names]
+        if missing:
+            raise ValueError(f"mesh has no {missing[0]!r} axis: {mesh.axis_names}")
+        shards = mesh_axis_size(mesh, axes)
+        if batch_size % shards:
+            names = " x ".join(repr(a) for a in axes)
+            raise ValueError(f"batch_size {batch_size} is not a multiple of the mesh {names} axis size {shards}")
+        in_sharding = batch_sharding(mesh)
+        variables = jax.device_put(variables, replicated(mesh))
 
     outputs = []
     for start in range(0, n, batch_size):
@@ -305,7 +312,7 @@ def embed_images(
         valid = batch.shape[0]
         if valid < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - valid, *batch.shape[1:]), np.uint8)])
-        batch = jax.device_put(batch, batch_sharding) if batch_sharding is not None else batch
+        batch = jax.device_put(batch, in_sharding) if in_sharding is not None else batch
         outputs.append((_flip_sum_embed(apply_fn, variables, batch), valid))  # dispatched asynchronously
     result = np.concatenate([np.asarray(out)[:valid] for out, valid in outputs], axis=0)
     chex.assert_shape(result, (n, None))

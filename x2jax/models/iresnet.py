@@ -1,6 +1,6 @@
 """IResNet (insightface ``backbones/iresnet.py``) in Flax Linen, channels-last.
 
-Topology (FACTS.md), for an image of S x S (S a multiple of 16):
+Topology (insightface recognition/arcface_torch/backbones/iresnet.py), for an image of S x S (S a multiple of 16):
 
     stem:   conv3x3 s1 (w0) -> BN -> PReLU
     stage k (k = 1..4, width w_k, n_k blocks): first block stride 2 with a

@@ -1,8 +1,8 @@
 """Building blocks shared by the backbones: one conv function, Conv, BatchNorm, PReLU.
 
 Every convolution in ``x2jax.models`` goes through :func:`conv2d`, so a faster
-implementation (for example one whose weight gradient is an im2col matmul, see
-FACTS.md on XLA:CPU) can be swapped in by name through the ``conv_impl``
+implementation (for example one whose weight gradient is an im2col matmul, as
+XLA:CPU computes convolution weight gradients slowly) can be swapped in by name through the ``conv_impl``
 attribute of the modules, without touching the networks.
 
 Layout is NHWC activations and HWIO kernels. Parameters are float32; the
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from x2jax.models import onednn_conv
-from x2jax.models.fast_conv import conv2d_im2col
+from x2jax.models.im2col_conv import conv2d_im2col
 
 Padding = int | Sequence[tuple[int, int]]
 ConvFn = Callable[..., jax.Array]
@@ -48,32 +48,64 @@ def _conv2d_xla(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
         dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups)
 
 
+def resolve_conv_impl(impl: str, platform: str | None = None, num_devices: int | None = None) -> str:
+    """The implementation ``impl`` names where the model runs: "auto" resolved, others as given.
+
+    "auto" is the fastest measured implementation (docs/benchmarks.md): "xla" on
+    GPU/TPU; on CPU "onednn" when the process has a single device (the oneDNN custom
+    calls have no sharding rule) and the extension loads (the ``onednn`` extra),
+    "im2col" otherwise.
+
+    Args:
+      impl: a name in :data:`CONV_IMPLS`.
+      platform: where the model runs ("cpu", "gpu", "tpu"); default ``jax.default_backend()``.
+      num_devices: devices of the process; default ``jax.device_count()``.
+
+    Returns:
+      A name in :data:`CONV_IMPLS` other than "auto".
+    """
+    if impl != "auto":
+        return impl
+    platform = jax.default_backend() if platform is None else platform
+    if platform != "cpu":
+        return "xla"
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    return "onednn" if num_devices == 1 and onednn_conv.available() else "im2col"
+
+
+def _conv2d_onednn(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
+                   padding: list[tuple[int, int]], groups: int) -> jax.Array:
+    """oneDNN for the conv families its shape grid tests, im2col for the others.
+
+    :func:`x2jax.models.onednn_conv.covered`: float32, no groups, kernel 1, 3 or 7,
+    stride 1 or 2, padding up to 3.
+    """
+    if onednn_conv.covered(x, kernel, strides, padding, groups):
+        return onednn_conv.conv2d_onednn(x, kernel, strides=strides, padding=padding, groups=groups)
+    return conv2d_im2col(x, kernel, strides=strides, padding=padding, groups=groups)
+
+
 def _conv2d_auto(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
                  padding: list[tuple[int, int]], groups: int) -> jax.Array:
-    """The fastest measured implementation for where it runs (docs/benchmarks.md).
+    """:func:`resolve_conv_impl` of "auto" at trace time, from the process's backend and devices.
 
-    GPU/TPU: "xla". CPU: "onednn" when the conv is one it runs (float32, no
-    groups), the process has a single device (its custom calls have no sharding
-    rule) and the extension loads (the ``onednn`` extra); "im2col" otherwise.
+    Models built by :meth:`x2jax.models.spec.ModelSpec.build` resolve "auto" once
+    instead and never reach this.
     """
-    if jax.default_backend() != "cpu":
-        fn = _conv2d_xla
-    elif onednn_conv.supports(x, kernel, padding, groups) and jax.device_count() == 1 \
-            and onednn_conv.available():
-        fn = onednn_conv.conv2d_onednn
-    else:
-        fn = conv2d_im2col
-    return fn(x, kernel, strides=strides, padding=padding, groups=groups)
+    return CONV_IMPLS[resolve_conv_impl("auto")](x, kernel, strides=strides, padding=padding,
+                                                 groups=groups)
 
 
 CONV_IMPLS: dict[str, ConvFn] = {"xla": _conv2d_xla, "im2col": conv2d_im2col,
-                                 "onednn": onednn_conv.conv2d_onednn, "auto": _conv2d_auto}
+                                 "onednn": _conv2d_onednn, "auto": _conv2d_auto}
 """Registered conv implementations: name -> fn(x, kernel, *, strides, padding, groups).
 
-"im2col": :func:`x2jax.models.fast_conv.conv2d_im2col` (matmul and per-phase gradients, for CPU);
+"im2col": :func:`x2jax.models.im2col_conv.conv2d_im2col` (matmul and per-phase gradients, for CPU);
 "onednn": :func:`x2jax.models.onednn_conv.conv2d_onednn` (oneDNN custom calls, CPU, needs the
-``onednn`` extra);
-"auto": "xla" on GPU/TPU; on CPU "onednn" where it applies and loads, else "im2col".
+``onednn`` extra) for the convs :func:`x2jax.models.onednn_conv.covered` names, im2col for
+the others;
+"auto": :func:`resolve_conv_impl` at trace time ("xla" on GPU/TPU; on CPU "onednn" on a
+single device where the extension loads, else "im2col").
 
 Add one with :func:`register_conv_impl`; select it with ``conv_impl=<name>``.
 """

@@ -1,10 +1,9 @@
 """2-D convolutions on oneDNN (the library PyTorch's CPU convolutions use), CPU only.
 
-On IResNet-50's convolutions at batch 32, oneDNN's input and weight gradients
-are 1.40x and 1.27x faster than XLA:CPU's (``benchmarks/conv_grads.py``), and
-with them an IResNet-50 training step runs at 1.03x PyTorch's images/s on a
-2-core CPU (``benchmarks/backbone_step.py``; docs/benchmarks.md, third pass).
-This module runs a float32 NHWC/HWIO convolution and both of its gradients as
+On IResNet's convolutions oneDNN's input and weight gradients are faster than
+XLA:CPU's (``benchmarks/conv_grads.py``), and with them an IResNet training
+step keeps up with PyTorch's (``benchmarks/backbone_step.py``; figures in
+docs/benchmarks.md). This module runs a float32 NHWC/HWIO convolution and both of its gradients as
 XLA FFI custom calls into oneDNN::
 
     y  = conv(x, W)                                  forward
@@ -19,10 +18,12 @@ against the XLA FFI headers jaxlib ships and oneDNN from the ``onednn`` extra
 with the reason.
 
 Limits: float32, ``groups == 1``, non-negative padding; anything else goes to
-:func:`x2jax.models.fast_conv.conv2d_im2col` (on GPU/TPU backends: to XLA's conv). The custom calls have
-no sharding rule: under a multi-device mesh XLA gathers their operands to every
-device, so use this on single-device CPU processes (``conv_impl="auto"`` only
-picks it there).
+:func:`x2jax.models.im2col_conv.conv2d_im2col` (on GPU/TPU backends: to XLA's conv).
+``conv_impl="auto"`` picks oneDNN only for the families :func:`covered` names, those the
+shape grid of ``tests/test_onednn_grid.py`` checks (``scripts/check_onednn_memory.sh`` runs
+that grid under memory checkers). The custom calls have no sharding rule: under a
+multi-device mesh XLA gathers their operands to every device, so use this on
+single-device CPU processes (``conv_impl="auto"`` only picks it there).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from x2jax.models.fast_conv import conv2d_im2col
+from x2jax.models.im2col_conv import conv2d_im2col
 
 Array = jax.Array
 
@@ -56,7 +57,7 @@ TARGETS = {
     "weight_grad": "x2jax_onednn_conv_weight_grad",
 }
 
-__all__ = ["available", "conv2d_onednn", "load", "supports", "version"]
+__all__ = ["available", "conv2d_onednn", "covered", "load", "supports", "version"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -174,6 +175,26 @@ def supports(x: Array, kernel: Array, padding: Sequence[tuple[int, int]], groups
     """Whether :func:`conv2d_onednn` runs this conv on oneDNN (else it falls back)."""
     return (groups == 1 and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
             and all(p >= 0 for pair in padding for p in pair))
+
+
+# The families tests/test_onednn_grid.py checks, forward and both gradients, against XLA
+# and a float64 reference, each in a process of its own (a crash fails the test).
+COVERED_KERNELS = (1, 3, 7)
+COVERED_STRIDES = (1, 2)
+COVERED_MAX_PADDING = 3
+
+
+def covered(x: Array, kernel: Array, strides: Sequence[int],
+            padding: Sequence[tuple[int, int]], groups: int = 1) -> bool:
+    """Whether this conv is in a family the shape grid tests (``conv_impl="auto"`` runs
+    only those on oneDNN): :func:`supports`, a square kernel of 1, 3 or 7, equal strides of
+    1 or 2 and each padding side in 0..3 (no dilation in :func:`conv2d_onednn`), any
+    channel counts."""
+    kh, kw = kernel.shape[:2]
+    sh, sw = (int(s) for s in strides)
+    return (supports(x, kernel, padding, groups) and kh == kw and kh in COVERED_KERNELS
+            and sh == sw and sh in COVERED_STRIDES
+            and all(0 <= p <= COVERED_MAX_PADDING for pair in padding for p in pair))
 
 
 def _out_shape(x_shape, k_shape, strides, padding):

@@ -17,7 +17,6 @@ from x2jax.parallel.mesh import (
     initialize_distributed,
     initialize_distributed_from_config,
     make_mesh,
-    make_mesh_from_config,
     mesh_axis_size,
 )
 from x2jax.parallel.optim import masked_row_updates
@@ -52,7 +51,6 @@ __all__ = [
     "initialize_distributed_from_config",
     "logical_sharding",
     "make_mesh",
-    "make_mesh_from_config",
     "masked_row_updates",
     "mesh_axis_size",
     "num_class_shards",

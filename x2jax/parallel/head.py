@@ -11,9 +11,11 @@ contiguous block ``[r * C_pad/n, (r+1) * C_pad/n)``. The loss is written with
 3. each shard computes its block of cosines (B, C_local) (or of its sampled
    rows) and calls the *unchanged* margin function on it with label -1 (no
    target in the block: all columns are non-target logits), and once on
-   ``cos_y[:, None]`` for the target logit. Margins whose non-target logits
-   depend on ``cos_y`` (CurricularFace) get ``cos_y`` appended to the block as
-   its target column instead;
+   ``cos_y[:, None]`` for the target logit. Target-only margins (the spec has
+   a ``target_margin``) get their non-target and target logits directly;
+   margins whose non-target logits depend on ``cos_y`` (the spec's
+   ``nontarget_depends_on_target``, CurricularFace) get ``cos_y`` appended to
+   the block as its target column instead;
 4. the target's own column inside the block, padded rows and (with sampling)
    unsampled rows are masked to ``-inf``; softmax cross-entropy uses a ``pmax``
    of the row maxima and a ``psum`` of the exp-sums; the target logit enters once.
@@ -37,7 +39,6 @@ rows (insightface's behaviour).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -60,12 +61,6 @@ from x2jax.parallel.sharding import (
 
 Array = jax.Array
 INIT_CHUNK_ROWS = 16384
-# Margin functions whose non-target logits depend on the target cosine
-# (CurricularFace's hard negatives). The head appends cos_y to their cosine
-# block as the target column; every other function gets its block with label
-# -1 ("no target here", see x2jax.losses) and a separate (B, 1) call for the
-# target logit, which saves a copy of the (B, C_local) block.
-TARGET_DEPENDENT_NON_TARGETS = frozenset({losses.curricularface})
 
 
 class HeadAux(NamedTuple):
@@ -133,7 +128,7 @@ def init_class_centers(
             f"init_class_centers: num_rows={padded} must be >= num_classes={num_classes} and "
             f"a multiple of the {n_shards} class shards")
     num_local = padded // n_shards
-    class_axes = _axes(rules.classes)
+    class_axes = rules.classes or ()
 
     def row(key, i):
         w = std * jax.random.normal(jax.random.fold_in(key, i), (embedding_size,), dtype)
@@ -163,16 +158,6 @@ def init_class_centers(
     out = jax.jit(init, out_shardings=class_centers_sharding(mesh, rules))(rng)
     assert out.shape == (padded, embedding_size)
     return out
-
-
-def _axes(axes):
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    return name in inspect.signature(fn).parameters
 
 
 def _split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -209,20 +194,23 @@ def sharded_margin_loss(
         the number of class shards (see :func:`pad_num_classes`,
         :func:`init_class_centers`).
       labels: (B,) int in ``[0, num_classes)``.
-      margin_fn: a margin function of ``x2jax.losses`` or its registry name.
+      margin_fn: a margin function or its registry name; its
+        ``x2jax.losses.MarginSpec`` says what the head fills in and how it splits
+        the logits (a function outside the registry: the generic label -1 path,
+        nothing filled in).
       mesh: the device mesh.
       num_classes: real class count C <= C_pad; rows >= C are padding (masked,
         zero gradient). Default: ``weight.shape[0]``.
       sample_rate: Partial FC sample rate in (0, 1]; 1 = the full head.
       rng: PRNG key, required when ``sample_rate < 1`` (each shard folds in its
-        index) or when ``margin_fn`` takes an ``rng`` (ElasticFace), which gets
+        index) or when the spec ``needs_rng`` (ElasticFace), which gets
         this key unchanged, as ``margin_loss(..., rng=rng)``.
       rules: sharding rules (which mesh axes split the batch and the classes).
       precision: matmul precision of the cosine block.
       return_aux: also return :class:`HeadAux`.
       **margin_params: keyword arguments of ``margin_fn`` (python scalars are
         static; arrays, e.g. CurricularFace's ``t``, are replicated inputs).
-        ``norms`` is filled with the embedding norms for functions that take it.
+        ``norms`` is filled with the embedding norms when the spec ``needs_norms``.
 
     Returns:
       Scalar float32 mean cross-entropy over the global batch (and ``HeadAux``).
@@ -231,8 +219,8 @@ def sharded_margin_loss(
       ValueError: an empty batch (B = 0), shapes that do not fit the mesh, labels
         out of range (concrete labels), a missing ``rng``.
     """
-    if isinstance(margin_fn, str):
-        margin_fn = losses.get(margin_fn)
+    spec = losses.spec_of(margin_fn)
+    margin_fn = spec.fn
     chex.assert_rank([embeddings, weight, labels], [2, 2, 1])
     chex.assert_type(labels, int)
     chex.assert_equal_shape_prefix([embeddings, labels], 1)
@@ -246,7 +234,7 @@ def sharded_margin_loss(
     if not 0 < num_classes <= padded:
         raise ValueError(
             f"sharded_margin_loss: num_classes={num_classes} must be in [1, weight rows={padded}]")
-    class_axes, batch_axes = _axes(rules.classes), _axes(rules.batch)
+    class_axes, batch_axes = rules.classes or (), rules.batch or ()
     n_shards = mesh_axis_size(mesh, class_axes or None)
     n_batch = mesh_axis_size(mesh, batch_axes or None)
     if padded % n_shards:
@@ -263,7 +251,7 @@ def sharded_margin_loss(
     num_local = padded // n_shards
     sampling = sample_rate < 1.0
     num_sampled = num_sampled_per_shard(num_local, sample_rate)
-    wants_rng = _accepts(margin_fn, "rng")
+    wants_rng = spec.needs_rng
     if (sampling or wants_rng) and rng is None:
         raise ValueError(
             "sharded_margin_loss: an rng key is needed (sample_rate < 1 or a margin "
@@ -276,8 +264,12 @@ def sharded_margin_loss(
     if not sampling:
         rng = jax.random.key(0)  # unused placeholder with a fixed pytree structure
     static_params, array_params = _split_params(margin_params)
-    wants_norms = _accepts(margin_fn, "norms") and "norms" not in margin_params
-    target_dependent = margin_fn in TARGET_DEPENDENT_NON_TARGETS
+    wants_norms = spec.needs_norms and "norms" not in margin_params
+    # Non-target logits that need cos_y (CurricularFace's hard negatives) get it
+    # appended to the block as the target column; every other function gets its
+    # block with label -1 ("no target here", see x2jax.losses) and a separate
+    # (B, 1) call for the target logit, which saves a copy of the block.
+    target_dependent = spec.nontarget_depends_on_target
 
     def body(e_loc, w_loc, y_loc, key, arrays):
         # 1. global batch on every shard; W stays local.
@@ -330,7 +322,7 @@ def sharded_margin_loss(
         if wants_norms:
             kw["norms"] = jnp.linalg.norm(e.astype(jnp.float32), axis=1)
         b = cos.shape[0]
-        split = None if target_dependent else losses.target_only_logits(margin_fn, kw)
+        split = losses.target_only_logits(spec, kw)  # None: not target-only
         if split is not None:
             # Target-only margin: non-target logits straight from the block, the
             # target logit from cos_y (no (B, C) target mask, replace or sum).

@@ -77,17 +77,6 @@ def make_mesh(
         devices=devices)
 
 
-def make_mesh_from_config(config: Mapping[str, Any] | Any) -> Mesh:
-    """Mesh from a config with optional fields ``data`` (default -1) and ``model`` (1).
-
-    Accepts a dict, an ``ml_collections.ConfigDict`` or any object with those
-    attributes (e.g. ``config.mesh`` of the training config).
-    """
-    get = (config.get if isinstance(config, Mapping) or hasattr(config, "get")
-           else lambda k, d: getattr(config, k, d))
-    return make_mesh(data=int(get("data", -1)), model=int(get("model", 1)))
-
-
 class PeerTimeoutError(RuntimeError):
     """Not every process joined ``jax.distributed`` within the initialization timeout."""
 
@@ -288,14 +277,20 @@ def initialize_distributed(
 
 
 def initialize_distributed_from_config(config: Mapping[str, Any] | Any) -> bool:
-    """``initialize_distributed`` from a config with optional fields
-    ``coordinator_address``, ``num_processes``, ``process_id``, ``auto_detect``,
-    ``initialization_timeout_s`` (300) and ``heartbeat_timeout_s`` (100)."""
+    """``initialize_distributed`` from a config (``config.distributed`` of train.py's).
+
+    Optional fields ``coordinator_address`` ("" = unset), ``num_processes``
+    (0 = unset), ``process_id`` (-1 = unset), ``auto_detect``,
+    ``initialization_timeout_s`` (300) and ``heartbeat_timeout_s`` (100); unset
+    values fall back to the environment variables, as with None.
+    """
     get = (config.get if isinstance(config, Mapping) or hasattr(config, "get")
            else lambda k, d: getattr(config, k, d))
+    process_id = get("process_id", None)
     return initialize_distributed(
-        get("coordinator_address", None), get("num_processes", None),
-        get("process_id", None), auto_detect=bool(get("auto_detect", False)),
+        get("coordinator_address", None) or None, get("num_processes", None) or None,
+        None if process_id is None or process_id < 0 else process_id,
+        auto_detect=bool(get("auto_detect", False)),
         initialization_timeout_s=get("initialization_timeout_s", 300),
         heartbeat_timeout_s=get("heartbeat_timeout_s", 100))
 

@@ -30,19 +30,43 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from x2jax.parallel.mesh import DATA_AXIS, MODEL_AXIS, mesh_axis_size
+from x2jax.parallel.mesh import DATA_AXIS, MESH_AXES, MODEL_AXIS, mesh_axis_size
 
 MeshAxes = tuple[str, ...] | None
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
-    """Logical axis -> mesh axes (None = replicated). The one table of rules."""
+    """Logical axis -> mesh axes (None = replicated). The one table of rules.
+
+    Each field takes a tuple of mesh axis names, one name, a comma-separated
+    string (``"data,model"``, as ``config.mesh.rules`` spells them) or
+    None / ``""`` / ``()`` for replicated; it is stored as a tuple or None.
+
+    Raises:
+      ValueError: an axis that is not one of the mesh's ("data", "model").
+    """
 
     batch: MeshAxes = (DATA_AXIS,)
     classes: MeshAxes = (DATA_AXIS, MODEL_AXIS)
     embed: MeshAxes = None
     fsdp: MeshAxes = (DATA_AXIS,)
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, str):
+                value = tuple(a.strip() for a in value.split(",") if a.strip())
+            value = tuple(value) if value else None
+            unknown = [a for a in value or () if a not in MESH_AXES]
+            if unknown:
+                raise ValueError(f"sharding rule {field.name}: unknown mesh axes {unknown}; the mesh has {MESH_AXES}")
+            object.__setattr__(self, field.name, value)
+
+    @classmethod
+    def from_config(cls, rules: Any) -> "ShardingRules":
+        """From ``config.mesh.rules`` (a mapping of the logical names to axis strings)."""
+        return cls(**{field.name: rules[field.name] for field in dataclasses.fields(cls)})
 
     def spec(self, *logical: str | None) -> P:
         """PartitionSpec for an array whose dims carry these logical names."""

@@ -6,8 +6,11 @@ Layout: ``<workdir>/checkpoints/<step>/{state, data, meta}``:
   restores onto any mesh: the target is an abstract state whose
   ``jax.ShapeDtypeStruct`` leaves carry the new shardings.
 - ``data``: the grain iterator state, one JSON file per process.
-- ``meta``: JSON with the config, the model description (what ``eval.py`` needs to
-  rebuild the backbone) and the class count.
+- ``meta``: JSON with the config, the model (:meth:`x2jax.models.spec.ModelSpec.to_json`,
+  what ``eval.py`` needs to rebuild the backbone) and the class count.
+
+Reading a backbone out of these checkpoints (:func:`x2jax.models.io.load_backbone`,
+``read_meta``, ``restore_backbone``) is the models' side of the format.
 
 Orbax writes each step into a temporary directory and renames it when complete;
 ``latest_step`` only sees finished steps, so a run killed mid-save resumes from
@@ -35,49 +38,15 @@ from typing import Any, Callable, TypeVar
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from x2jax.models.registry import abstract_variables, get_model
+from x2jax.data import pipeline
 
+from x2jax.models.io import CheckpointCorruptError, one_line
 
-def model_description(config: ml_collections.ConfigDict, image_size: int) -> dict[str, Any]:
-    """What ``x2jax.models.get_model`` needs to rebuild the backbone (stored in checkpoints)."""
-    m = config.model
-    description = {
-        "arch": m.name,
-        "embedding_size": int(m.embedding_size),
-        "image_size": int(image_size),
-        "dtype": m.dtype,
-        "conv_impl": m.conv_impl,
-        "dropout": float(m.dropout),
-    }
-    for key in ("layers", "widths"):
-        if m[key]:
-            description[key] = [int(v) for v in m[key]]
-    return description
-
-
-# How the backbone runs, not what it computes: may differ between a checkpoint and its resume.
-RUN_ONLY_KEYS = ("conv_impl",)
-
-
-def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two :func:`model_description` s describe the same parameters and function."""
-    strip = lambda d: {k: v for k, v in d.items() if k not in RUN_ONLY_KEYS}
-    return strip(a) == strip(b)
-
-
-def build_model(description: dict[str, Any]):
-    """The backbone module of a :func:`model_description`."""
-    kwargs = model_kwargs(description)
-    return get_model(kwargs.pop("arch"), **kwargs)
-
-
-def model_kwargs(description: dict[str, Any]) -> dict[str, Any]:
-    """A description as ``get_model`` / ``save_model`` keywords (JSON lists back to tuples)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in description.items()}
+__all__ = ["CheckpointCorruptError", "CheckpointMismatchError", "Checkpointer", "PreemptionWatcher",
+           "RunInterrupted", "move_aside"]
 
 
 T = TypeVar("T")
@@ -85,10 +54,6 @@ T = TypeVar("T")
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint written by another run (another model, loss, batch, seed, schedule, ...)."""
-
-
-class CheckpointCorruptError(RuntimeError):
-    """Checkpoints exist but none of them can be read."""
 
 
 def move_aside(directory: str | os.PathLike, step: int) -> Path:
@@ -100,12 +65,6 @@ def move_aside(directory: str | os.PathLike, step: int) -> Path:
         target = directory / f"corrupt-{step}.{k}"
     shutil.move(str(directory / str(step)), str(target))
     return target
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    text = text if len(text) <= 200 else text[:197] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _all_processes_ok(ok: bool) -> bool:
@@ -175,7 +134,7 @@ class Checkpointer:
                 result, error = None, e
             if _all_processes_ok(error is None):
                 return step, result
-            reason = _one_line(error) if error is not None else "failed to restore on another process"
+            reason = one_line(error) if error is not None else "failed to restore on another process"
             moved = self._move_aside(step)
             failures.append(f"step {step}: {reason}")
             if jax.process_index() == 0:
@@ -203,7 +162,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
+                data=pipeline.checkpoint_save_args(data_iterator),
                 meta=ocp.args.JsonSave(meta),
             ),
             force=force,
@@ -215,7 +174,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                data=pipeline.checkpoint_restore_args(data_iterator),
                 meta=ocp.args.JsonRestore(),
             ),
         )
@@ -229,56 +188,6 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
-    """``(step, meta)`` of the latest (or given) finished checkpoint under ``checkpoint_dir``."""
-    directory = Path(checkpoint_dir)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory {directory}")
-    manager = ocp.CheckpointManager(
-        directory.absolute(),
-        options=ocp.CheckpointManagerOptions(create=False),
-        item_handlers={"meta": ocp.JsonCheckpointHandler()},
-    )
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    manager.close()
-    return step, meta
-
-
-def restore_backbone(checkpoint_dir: str | os.PathLike, abstract_variables: Any, step: int | None = None) -> tuple[int, Any]:
-    """Restore only the backbone ``{'params', 'batch_stats'}`` of a training checkpoint.
-
-    ``abstract_variables``: ShapeDtypeStructs (with shardings) of the backbone
-    variables. The class-centre matrix and optimizer state are not read.
-    """
-    directory = Path(checkpoint_dir).absolute()
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(create=False),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-    )
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    target = {"params": {"backbone": abstract_variables["params"]}, "batch_stats": abstract_variables["batch_stats"]}
-    restore_args = jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
-        if getattr(a, "sharding", None) is not None
-        else ocp.RestoreArgs(dtype=a.dtype),
-        target,
-    )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        ),
-    )["state"]
-    manager.close()
-    return step, {"params": restored["params"]["backbone"], "batch_stats": restored["batch_stats"]}
 
 
 class RunInterrupted(Exception):
@@ -332,66 +241,3 @@ class PreemptionWatcher:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-def finished_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
-    """The finished checkpoint steps under ``checkpoint_dir``, newest first."""
-    directory = Path(checkpoint_dir)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory {directory}")
-    manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))
-    steps = sorted(manager.all_steps(), reverse=True)
-    manager.close()
-    return steps
-
-
-def load_backbone(path: str | os.PathLike, step: int | None = None, **overrides: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """``(module, variables, info)`` of a training run's backbone (latest step by default).
-
-    ``path`` is a run's workdir or its ``checkpoints`` directory. Variables land on
-    the default device; W and the optimizer state are not read. ``info`` is the
-    model description plus ``format``, ``step``, ``num_classes`` and, for runs on
-    synthetic data, ``synthetic`` (the data config that names the held-out set).
-    ``overrides`` change runtime fields of the model (``dtype``, ``conv_impl``).
-
-    Without ``step``, a latest step that does not read (truncated file, broken
-    meta) is reported in one line and the next older one is read; nothing is
-    moved, since a training run may own the directory. With ``step``, that step
-    or a clear error.
-    """
-    path = Path(path)
-    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    bad = set(overrides) - {"dtype", "conv_impl"}
-    if bad:
-        raise ValueError(f"load_backbone can override only dtype and conv_impl, got {sorted(bad)}")
-    steps = [step] if step is not None else finished_steps(directory)
-    if not steps:
-        raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    failures = []
-    for s in steps:
-        try:
-            return _load_backbone_step(directory, s, overrides)
-        except Exception as e:  # pylint: disable=broad-except  (any failure to read marks the step)
-            failures.append(f"step {s}: {_one_line(e)}")
-            if step is not None:
-                break
-            print(f"checkpoint {directory / str(s)} does not restore ({_one_line(e)}); trying the next older step",
-                  flush=True)
-    raise CheckpointCorruptError(f"no checkpoint in {directory} restores: " + "; ".join(failures))
-
-
-def _load_backbone_step(directory: Path, step: int, overrides: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    _, meta = read_meta(directory, step)
-    module = build_model(dict(meta["model"], **overrides))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_variables(module)
-    )
-    step, variables = restore_backbone(directory, abstract, step)
-    info = dict(meta["model"], format="train_checkpoint", step=step, num_classes=meta["num_classes"],
-                path=str(directory))
-    data = meta["config"]["data"]
-    if data["name"] == "synthetic":
-        info["synthetic"] = {"variant": data["variant"]}
-        info["synthetic"].update({k: data[k] for k in ("num_identities", "images_per_identity", "image_size") if data[k]})
-    return module, variables, info

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -90,7 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_steps = 0  # exactly one of num_steps / num_epochs is > 0
     c.num_epochs = 0.0
     # num_devices: use the first N devices (0 = all), e.g. to resume on fewer devices.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, num_devices=0, param_sharding="replicate"))
+    # rules: logical axis -> comma-separated mesh axes ("" = replicated); see x2jax/parallel/sharding.py.
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1, model=1, num_devices=0, param_sharding="replicate",
+        rules=ml_collections.ConfigDict(dict(batch="data", classes="data,model", embed="", fsdp="data")),
+    ))
     # Multi-host: initialization_timeout_s bounds the wait for every process to join;
     # heartbeat_timeout_s how long a silent (dead) peer goes unnoticed once running.
     c.distributed = ml_collections.ConfigDict(
@@ -107,24 +110,19 @@ def base_config() -> ml_collections.ConfigDict:
     # checkpoint's run: 'error', or 'allow' (a deliberate change, listed when it resumes).
     c.resume_mismatch = "error"
     c.compilation_cache_dir = "~/.cache/x2jax/jax_cache"  # "" disables the persistent cache
-    c.debug = ml_collections.ConfigDict(dict(sigterm_at_step=-1, nan_at_step=-1, bad_label_at_step=-1))
     c.lock()
     return c
 
 
-# Official / insightface default parameters of the losses the recipes compare.
-LOSS_PRESETS = {
-    "x2_softmax": dict(scale=64.0, a=-0.9, h=0.0, k=0.65),
-    "arcface": dict(scale=64.0, margin=0.5),
-    "cosface": dict(scale=64.0, margin=0.35),
-    "normface": dict(scale=64.0),
-}
-
-
 def set_loss(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """Set ``config.loss`` to ``name`` with its preset parameters (official constants)."""
+    """Set ``config.loss`` to ``name`` with its preset parameters (``losses.spec(name).preset``).
+
+    Raises:
+      ValueError: an unknown loss name.
+    """
+    preset = dict(losses.spec(name).preset)
     config.loss.name = name
-    config.loss.params = ml_collections.ConfigDict(LOSS_PRESETS.get(name, {}))
+    config.loss.params = ml_collections.ConfigDict(preset)
     return config
 
 
@@ -260,9 +258,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d_.initialization_timeout_s < 1 or d_.heartbeat_timeout_s < 1:
         raise ConfigError("distributed.initialization_timeout_s and distributed.heartbeat_timeout_s must be >= 1 s, "
                          f"got {d_.initialization_timeout_s} and {d_.heartbeat_timeout_s}")
-    margin_fn = losses.get(lo.name)
-    accepted = set(inspect.signature(margin_fn).parameters) - {"cosine", "labels", "rng", "norms"}
-    accepted -= set(losses.initial_state(lo.name))
+    accepted = set(losses.spec(lo.name).params)
     unknown = set(lo.params.keys()) - accepted
     if unknown:
         raise ConfigError(f"loss.params {sorted(unknown)} not accepted by {lo.name}; accepted: {sorted(accepted)}")
@@ -277,15 +273,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"[0, num_steps={config.num_steps})")
     if config.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
+    from x2jax.parallel.sharding import ShardingRules  # noqa: PLC0415
+
+    try:
+        rules = ShardingRules.from_config(config.mesh.rules)
+    except ValueError as e:
+        raise ConfigError(f"mesh.rules: {e}") from None
+    if not rules.batch:
+        raise ConfigError("mesh.rules.batch must name at least one mesh axis (the batch is split over it)")
     if config.mesh.param_sharding not in ("replicate", "fsdp"):
         raise ConfigError(f"mesh.param_sharding must be 'replicate' or 'fsdp', got {config.mesh.param_sharding!r}")
     if config.log_every_steps < 1 or config.checkpoint.every_steps < 1:
         raise ConfigError("log_every_steps and checkpoint.every_steps must be >= 1")
-    for name in (s.strip() for s in config.eval.sets.split(",") if s.strip()):
-        if name != "synthetic":
-            root = Path(os.path.expanduser(config.eval.data_dir or ""))
-            if not (root / f"{name}.bin").is_file():
-                raise ConfigError(f"eval set {name!r}: {root / (name + '.bin')} not found (set eval.data_dir)")
+    from x2jax.evaluation.sets import resolve_verification_sets  # noqa: PLC0415
+
+    try:  # every set located (a .bin or a prepared TFDS set) before any data work
+        resolve_verification_sets([s.strip() for s in config.eval.sets.split(",") if s.strip()],
+                                  data_dir=config.eval.data_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(f"eval set: {e}") from None
 
 
 # What a resume must agree on with the checkpoint's run (besides the model and class count).

@@ -1,7 +1,7 @@
 """From ``config.data`` / ``config.eval`` to a training source and verification sets.
 
-The one place where config names meet ``x2jax.data`` (whose entry points
-``get_train_source`` / ``get_verification_sets`` do the work):
+The one place where config names meet ``x2jax.data`` (``get_train_source``) and
+``x2jax.evaluation.sets`` (``open_verification_sets``, shared with ``eval.py``):
 
 =================  ==========================================  =====================
 ``data.name``      source                                      ``data.path``
@@ -14,7 +14,8 @@ tfds               a TFDS ArrayRecord dataset                  ``builder/config`
 
 Eval set ``synthetic`` is the held-out split of the synthetic training config;
 any other name is ``<eval.data_dir>/<name>.bin`` (or a prepared TFDS
-``face_verification/<name>`` there), resized to the training image size.
+``face_verification/<name>`` there), resized to the training image size
+(:mod:`x2jax.evaluation.sets`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from x2jax import data as x2data
+from x2jax.evaluation import sets as eval_sets
 
 
 def synthetic_overrides(data_cfg: Any) -> dict[str, int]:
     """Non-zero size overrides of the synthetic variant (``data.num_identities`` ...)."""
-    return {k: int(data_cfg[k]) for k in ("num_identities", "images_per_identity", "image_size") if data_cfg[k] > 0}
+    return dict(eval_sets.SyntheticSetRef.from_data_config(data_cfg).overrides)
 
 
 @dataclasses.dataclass
@@ -61,7 +63,7 @@ def open_train_data(data_cfg: Any, *, seed: int) -> TrainData:
     if data_cfg.name == "synthetic":
         src = x2data.get_train_source(f"synthetic_{data_cfg.variant}", **synthetic_overrides(data_cfg))
     elif data_cfg.name == "insightface_rec":
-        src = x2data.get_train_source("rec", data_dir=path)
+        src = x2data.get_train_source("insightface_rec", data_dir=path)
     elif data_cfg.name == "image_folder":
         src = x2data.get_train_source("folder", data_dir=path)
     elif data_cfg.name == "tfds":
@@ -78,19 +80,17 @@ def open_train_data(data_cfg: Any, *, seed: int) -> TrainData:
 def open_verification_sets(
     names: list[str], *, data_dir: str, data_config: Any, image_size: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{name: (images uint8 (2N, S, S, 3), issame bool (N,))}`` for the eval set names."""
-    sets = {}
-    for name in names:
-        if name == "synthetic":
-            if data_config.name != "synthetic":
-                raise ValueError("eval set 'synthetic' needs data.name='synthetic'")
-            variant = f"synthetic_{data_config.variant}"
-            found = x2data.get_verification_sets(
-                [variant], synthetic_overrides=synthetic_overrides(data_config)
-            )[variant]
-        else:
-            found = x2data.get_verification_sets(
-                [name], data_dir=os.path.expanduser(data_dir or "."), image_size=(image_size, image_size)
-            )[name]
-        sets[name] = found
-    return sets
+    """``{name: (images uint8 (2N, S, S, 3), issame bool (N,))}`` for the eval set names.
+
+    Args:
+      names: ``synthetic`` and/or ``.bin`` / TFDS set names under ``data_dir``.
+      data_dir: ``eval.data_dir`` ("" = the current directory).
+      data_config: ``config.data``; names the held-out synthetic identities.
+      image_size: the training image size; other sizes are resized to it.
+
+    Raises:
+      ValueError: ``synthetic`` is asked for but ``data.name`` is not synthetic.
+      FileNotFoundError: a set is not under ``data_dir``.
+    """
+    synthetic = eval_sets.SyntheticSetRef.from_data_config(data_config) if eval_sets.SYNTHETIC in names else None
+    return eval_sets.open_verification_sets(names, data_dir=data_dir, image_size=image_size, synthetic=synthetic)

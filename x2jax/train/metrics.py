@@ -85,6 +85,32 @@ def _keep_lines_up_to(path: Path, start_step: int) -> None:
     os.replace(tmp, path)
 
 
+class StepTimer:
+    """Start-up and the first two steps, each timed alone (blocking on their results).
+
+    ``times`` gets ``startup_seconds`` (from ``t_enter`` to the end of the first
+    step), ``first_step_seconds`` and ``second_step_seconds``.
+    """
+
+    def __init__(self, t_enter: float):
+        self.t_enter = t_enter
+        self.times: dict[str, float] = {}
+
+    @property
+    def active(self) -> bool:
+        return "second_step_seconds" not in self.times
+
+    def stop(self, t0: float, result: Any) -> bool:
+        """Blocks on ``result`` of a step started at ``t0``; True after the first step."""
+        jax.block_until_ready(result)
+        now = time.perf_counter()
+        if "first_step_seconds" not in self.times:
+            self.times.update(first_step_seconds=now - t0, startup_seconds=now - self.t_enter)
+            return True
+        self.times["second_step_seconds"] = now - t0
+        return False
+
+
 class Progress:
     """A one-line status every call: step, loss, images/s, ETA."""
 

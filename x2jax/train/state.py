@@ -30,6 +30,7 @@ from x2jax import losses
 from x2jax.models.registry import init_variables
 from x2jax.parallel.head import init_class_centers, pad_num_classes
 from x2jax.parallel.sharding import (
+    DEFAULT_RULES,
     ShardingRules,
     class_centers_sharding,
     num_class_shards,
@@ -90,7 +91,7 @@ def _init_state(
         params=params,
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(params),
-        loss_state=losses.initial_state(loss_name),
+        loss_state=losses.spec(loss_name).init_state(),
         loss_scale={
             "scale": jnp.asarray(LOSS_SCALE_INIT if float16 else 1.0, jnp.float32),
             "good_steps": jnp.zeros((), jnp.int32),
@@ -105,10 +106,9 @@ def state_shardings(
     mesh: Mesh,
     *,
     param_strategy: str = "replicate",
-    rules: ShardingRules | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
 ) -> TrainState:
     """NamedShardings for every leaf of a (possibly abstract) TrainState."""
-    rules = rules or ShardingRules()
     rep = replicated(mesh)
     params = {
         "backbone": param_shardings(abstract_state.params["backbone"], mesh, strategy=param_strategy, rules=rules),
@@ -134,7 +134,7 @@ def make_state_factory(
     loss_name: str,
     float16: bool = False,
     param_strategy: str = "replicate",
-    rules: ShardingRules | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
 ) -> tuple[Any, TrainState, TrainState]:
     """Returns ``(create(rng) -> TrainState, shardings, abstract state with shardings)``.
 
@@ -142,7 +142,6 @@ def make_state_factory(
     (``jax.ShapeDtypeStruct`` carrying the target shardings) is what a checkpoint
     restores into, on this mesh whatever mesh saved it.
     """
-    rules = rules or ShardingRules()
     padded = padded_num_classes(num_classes, num_class_shards(mesh, rules))
     init = functools.partial(
         _init_state,

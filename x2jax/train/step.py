@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from x2jax import losses
 from x2jax.parallel.head import sharded_margin_loss
-from x2jax.parallel.sharding import ShardingRules, batch_sharding, replicated
+from x2jax.parallel.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, replicated
 from x2jax.train.state import LOSS_SCALE_GROWTH_INTERVAL, TrainState
 
 
@@ -53,7 +53,7 @@ def make_train_step(
     loss_params: dict[str, Any],
     sample_rate: float = 1.0,
     float16: bool = False,
-    rules: ShardingRules | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns ``jit(step, in_shardings, out_shardings, donate_argnums=0)``.
 
@@ -61,8 +61,7 @@ def make_train_step(
     metrics: replicated scalars (loss, lr, grad_norm, skipped, nonfinite, bad_labels,
     loss_scale, head_overflow, embedding_norm).
     """
-    rules = rules or ShardingRules()
-    margin_fn = losses.get(loss_name)
+    loss_spec = losses.spec(loss_name)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         images, labels = batch["image"], batch["label"]
@@ -82,7 +81,7 @@ def make_train_step(
                 embeddings,
                 params["head"]["weight"],
                 labels,
-                margin_fn=margin_fn,
+                margin_fn=loss_spec.fn,
                 mesh=mesh,
                 num_classes=num_classes,
                 sample_rate=sample_rate,
@@ -105,8 +104,8 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params, row_mask=row_mask)
         params = optax.apply_updates(state.params, updates)
         norms = jnp.linalg.norm(embeddings, axis=1)
-        loss_state = losses.update_state(
-            loss_name, state.loss_state, target_cosine=aux.target_cosine, norms=norms
+        loss_state = loss_spec.update_state(
+            state.loss_state, target_cosine=aux.target_cosine, norms=norms
         )
         if float16:
             good = jnp.where(grads_finite, state.loss_scale["good_steps"] + 1, 0)
@@ -148,9 +147,8 @@ def make_train_step(
     )
 
 
-def batch_shardings(mesh: Mesh, rules: ShardingRules | None = None) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> dict[str, NamedSharding]:
     """Shardings of a global batch {'image', 'label'}: split on the batch axes."""
-    rules = rules or ShardingRules()
     return {"image": batch_sharding(mesh, rules), "label": batch_sharding(mesh, rules)}
 
 

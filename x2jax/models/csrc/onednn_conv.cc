@@ -10,14 +10,19 @@
 // OpenMP threads, and two at once would only oversubscribe the cores.
 //
 // Strided 1x1 weight gradients without padding run as the stride-1 weight
-// gradient of the subsampled input x[:, ::sh, ::sw, :]. oneDNN 3.2 would run
-// them in its jit 1x1 backward-weights kernels (jit_avx512_common_1x1,
-// jit_avx2_1x1), whose "reduce to unit stride" copy of an NHWC source writes
-// spatial block sp of each thread's scratch buffer (is * ic floats, is = OH*OW)
-// at offset sp * ic_block instead of sp * ic: with ic < ic_block (16 floats on
-// AVX-512, 8 on AVX2) the copies run into the next thread's buffer and past the
-// end of the scratchpad, corrupting the heap and oneDNN's reduction barrier
-// (SIGSEGV, free(): invalid pointer, hangs or wrong dW).
+// gradient of the subsampled input x[:, ::sh, ::sw, :]. oneDNN 3.2 runs them in
+// its jit 1x1 backward-weights kernels (jit_1x1:avx512_core, jit_1x1:avx2) and,
+// when H = OH*sh and W = OW*sw, first "reduce them to unit stride": each thread
+// copies the strided NHWC pixels of a spatial block into its part of the
+// scratchpad, is * ic floats (is = OH*OW), but puts the block that starts at
+// pixel sp at offset sp * ic_block instead of sp * ic (execute_backward_weights
+// in src/cpu/x64/jit_avx512_common_1x1_convolution.cpp and
+// jit_avx2_1x1_convolution.cpp). With ic < ic_block (16 floats on AVX-512, 8 on
+// AVX2) the copies run into the next thread's part and past the end of the
+// scratchpad (valgrind: "Invalid write ... 0 bytes after a block" allocated by
+// create_scratchpad), corrupting the heap and oneDNN's reduction barrier:
+// SIGSEGV, free(): invalid pointer, hangs or a wrong dW. The stride-1 kernels
+// read the source in place and are not affected.
 //
 // The conv functions below take plain pointers so that a native driver
 // (scripts/check_onednn_memory.sh) can run them under a memory checker.
@@ -30,6 +35,7 @@
 #include <sstream>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -71,11 +77,8 @@ struct Primitives {
   dnnl::convolution_backward_weights bwd_weights;
   dnnl::reorder bwd_w_reorder;  // bwd_w_pd.diff_weights_desc() -> HWIO
   bool bwd_w_plain = false;
-  // Strided 1x1 weight gradient: x[:, ::sh, ::sw, :] copied into x_sub (NHWC).
-  bool has_subsample = false;
-  memory::desc subsample_view;  // x seen as {N, C, OH, OW} with the strides skipping pixels
-  dnnl::reorder subsample;
-  memory x_sub;
+  // Strided 1x1 weight gradient: x[:, ::sh, ::sw, :] (NHWC), allocated on first use.
+  std::vector<float> x_sub;
 };
 
 dnnl::engine& engine() {
@@ -197,28 +200,18 @@ void conv_weight_grad(const Geometry& g, const float* x, const float* dy, float*
   // dW[0, 0, c, o] = sum_{b,i,j} x[b, i*sh, j*sw, c] dy[b, i, j, o]: the stride-1
   // weight gradient of x_sub[b, i, j, c] = x[b, i*sh, j*sw, c].
   const memory::dim n = g.x[0], c = g.x[1], h = g.x[2], w = g.x[3];
+  const memory::dim oh = g.y[2], ow = g.y[3], sh = g.strides[0], sw = g.strides[1];
   Geometry sub = g;
-  sub.x = {n, c, g.y[2], g.y[3]};
+  sub.x = {n, c, oh, ow};
   sub.strides = {1, 1};
-  if (n == 0) {  // no pixels: dW = 0 (oneDNN rejects an empty reorder source)
-    std::fill(dw, dw + c * g.w[0], 0.0f);
-    return;
-  }
-  Primitives& p = primitives(g);
-  if (!p.has_subsample) {
-    p.subsample_view = memory::desc(sub.x, dt::f32,
-                                    memory::dims{h * w * c, 1, g.strides[0] * w * c,
-                                                 g.strides[1] * c});
-    p.subsample = dnnl::reorder(dnnl::reorder::primitive_desc(
-        engine(), p.subsample_view, engine(), act_md(sub.x)));
-    p.x_sub = memory(act_md(sub.x), engine());
-    p.has_subsample = true;
-  }
-  dnnl::stream s(engine());
-  memory view(p.subsample_view, engine(), handle(x));
-  p.subsample.execute(s, view, p.x_sub);
-  s.wait();
-  weight_grad_direct(sub, static_cast<const float*>(p.x_sub.get_data_handle()), dy, dw);
+  std::vector<float>& x_sub = primitives(g).x_sub;
+  x_sub.resize(n * oh * ow * c);
+  for (memory::dim b = 0; b < n; ++b)
+    for (memory::dim i = 0; i < oh; ++i)
+      for (memory::dim j = 0; j < ow; ++j)
+        std::copy_n(x + ((b * h + i * sh) * w + j * sw) * c, c,
+                    x_sub.data() + ((b * oh + i) * ow + j) * c);
+  weight_grad_direct(sub, x_sub.data(), dy, dw);
 }
 
 // x2jax passes NHWC / HWIO buffers; oneDNN's logical dims are NCHW / OIHW.

@@ -1,4 +1,4 @@
-"""x2jax.models.fast_conv: values and gradients equal XLA's conv and a float64 reference."""
+"""x2jax.models.im2col_conv: values and gradients equal XLA's conv and a float64 reference."""
 from __future__ import annotations
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from x2jax.models import fast_conv, layers, registry
+from x2jax.models import im2col_conv, layers, registry
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -68,7 +68,7 @@ def _ours_and_lax(x, kernel, g, stride, pad):
     and of lax, in one jit."""
     @jax.jit
     def both(a, k, ct):
-        ours = _value_and_grads(lambda a, k: fast_conv.conv2d_im2col(
+        ours = _value_and_grads(lambda a, k: im2col_conv.conv2d_im2col(
             a, k, strides=(stride, stride), padding=pad, weight_grad="matmul",
             input_grad="phases"), a, k, ct)
         ref = _value_and_grads(lambda a, k: lax.conv_general_dilated(
@@ -108,7 +108,7 @@ def test_bfloat16_within_one_rounding_of_exact(case):
 
 
 def test_weight_grad_policy():
-    m = fast_conv.weight_grad_method
+    m = im2col_conv.weight_grad_method
     assert m((32, 56, 56, 64), (1, 1, 64, 128), (2, 2)) == "matmul"  # 1x1 shortcut
     assert m((32, 14, 14, 256), (1, 1, 256, 512), (2, 2)) == "matmul"
     assert m((32, 56, 56, 64), (3, 3, 64, 128), (1, 1)) == "xla"
@@ -121,7 +121,7 @@ def test_weight_grad_policy():
 
 
 def test_input_grad_policy():
-    m = fast_conv.input_grad_method
+    m = im2col_conv.input_grad_method
     assert m((32, 112, 112, 64), (3, 3, 64, 64), (2, 2)) == "phases"
     assert m((32, 28, 28, 256), (3, 3, 256, 256), (2, 2)) == "phases"
     assert m((32, 14, 14, 512), (3, 3, 512, 512), (2, 2)) == "xla"  # measured slower there
@@ -133,7 +133,7 @@ def test_auto_input_gradient_of_a_large_strided_conv_equals_lax():
     """The "auto" path as the backbone takes it (phases at >= 28 px), float32 vs lax."""
     case = (2, 30, 30, 8, 8, 3, 2, ((1, 1), (1, 1)))
     x, kernel, g = _inputs(case, jnp.float32, seed=3)
-    f = lambda a, k: fast_conv.conv2d_im2col(a, k, strides=(2, 2), padding=case[7])
+    f = lambda a, k: im2col_conv.conv2d_im2col(a, k, strides=(2, 2), padding=case[7])
     r = lambda a, k: lax.conv_general_dilated(a, k, (2, 2), case[7], dimension_numbers=DN)
     ours, ref = jax.jit(lambda a, k, ct: (_value_and_grads(f, a, k, ct),
                                           _value_and_grads(r, a, k, ct)))(x, kernel, g)
@@ -147,7 +147,7 @@ def test_grouped_conv_falls_back_to_xla():
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 6))
     kernel = jax.random.normal(jax.random.key(3), (3, 3, 1, 6))
     pad = ((1, 1), (1, 1))
-    f = lambda a, k: fast_conv.conv2d_im2col(a, k, strides=(2, 2), padding=pad, groups=6)
+    f = lambda a, k: im2col_conv.conv2d_im2col(a, k, strides=(2, 2), padding=pad, groups=6)
     r = lambda a, k: lax.conv_general_dilated(a, k, (2, 2), pad, dimension_numbers=DN,
                                               feature_group_count=6)
     g = jnp.ones((2, 4, 4, 6))
@@ -160,13 +160,13 @@ def test_grouped_conv_falls_back_to_xla():
 def test_bad_arguments_raise():
     x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
     with pytest.raises(ValueError, match="non-negative"):
-        fast_conv.conv2d_im2col(x, k, strides=(1, 1), padding=((-1, 0), (0, 0)))
+        im2col_conv.conv2d_im2col(x, k, strides=(1, 1), padding=((-1, 0), (0, 0)))
     with pytest.raises(ValueError, match="weight_grad"):
-        fast_conv.conv2d_im2col(x, k, strides=(1, 1), padding=((1, 1), (1, 1)), weight_grad="fft")
+        im2col_conv.conv2d_im2col(x, k, strides=(1, 1), padding=((1, 1), (1, 1)), weight_grad="fft")
     with pytest.raises(ValueError, match="input_grad"):
-        fast_conv.conv2d_im2col(x, k, strides=(1, 1), padding=((1, 1), (1, 1)), input_grad="fft")
+        im2col_conv.conv2d_im2col(x, k, strides=(1, 1), padding=((1, 1), (1, 1)), input_grad="fft")
     with pytest.raises(ValueError, match="kernel"):
-        fast_conv.conv2d_im2col(x, jnp.ones((3, 3, 3, 2)), strides=(1, 1),
+        im2col_conv.conv2d_im2col(x, jnp.ones((3, 3, 3, 2)), strides=(1, 1),
                                 padding=((1, 1), (1, 1)))
     with pytest.raises(ValueError, match="unknown conv impl"):
         layers.conv2d(x, k, impl="im2colx")

@@ -1,4 +1,4 @@
-"""A jitted training step of the class-sharded head alone.
+"""A jitted training step of the class-sharded head alone (a test and benchmark reference).
 
 Used by the multi-host test and ``benchmarks/head_scaling.py``; the full
 training step (backbone + head) in ``x2jax.train`` follows the same pattern:

@@ -1,9 +1,8 @@
 """A 2-D convolution whose gradients avoid XLA:CPU's slow forms.
 
 XLA:CPU computes two convolution gradients of IResNet far below the forward
-rate (``benchmarks/conv_grads.py``, docs/benchmarks.md): the weight gradient
-of 1x1 convs (12-86 GFLOP/s against 101-162 for their forward), and the input
-gradient of strided convs, which it runs as a conv over the zero-dilated
+rate (``benchmarks/conv_grads.py``, figures in docs/benchmarks.md): the weight
+gradient of 1x1 convs, and the input gradient of strided convs, which it runs as a conv over the zero-dilated
 output gradient (at stride 2, 3 of 4 products are with zeros). :func:`conv2d_im2col`
 keeps XLA's forward and computes, with a ``jax.custom_vjp``:
 
@@ -20,9 +19,9 @@ keeps XLA's forward and computes, with a ``jax.custom_vjp``:
   output phase (:func:`_input_grad_phases`), interleaved by a reshape.
 
 Which form is used per conv is chosen from static shapes by
-:func:`weight_grad_method` and :func:`input_grad_method` (``"auto"``), measured
-on a 2-core AVX2/AVX-512 CPU with jax 0.10.2 and ``x2jax.runtime``'s flag
-(XLA's own convolutions, not YNNPACK's): matmul weight gradients for 1x1
+:func:`weight_grad_method` and :func:`input_grad_method` (``"auto"``, the policy
+``benchmarks/conv_grads.py`` measured with ``x2jax.runtime``'s flags, XLA's own
+convolutions rather than YNNPACK's): matmul weight gradients for 1x1
 kernels only, per-phase input gradients for strided convs on inputs of >= 28 px;
 XLA's own everywhere else. ``weight_grad="matmul"`` / ``input_grad="phases"``
 force them everywhere (tests). Products accumulate in float32
@@ -59,11 +58,10 @@ def weight_grad_method(x_shape: Sequence[int], kernel_shape: Sequence[int],
                        strides: tuple[int, int]) -> Literal["matmul", "xla"]:
     """Weight-gradient form for a conv of these static shapes ("auto" policy).
 
-    Matmul for 1x1 kernels (XLA:CPU 1.3-2.2x slower than one matmul there, most on
-    the strided IResNet shortcuts); XLA's own kernel for the others, where it is
-    1.5-2.9x faster than the im2col matmul once convolutions run on XLA's own
-    kernels rather than YNNPACK's (``x2jax.runtime``; ``benchmarks/conv_grads.py``,
-    docs/benchmarks.md).
+    Matmul for 1x1 kernels (where XLA:CPU is slower than one matmul, most on the
+    strided IResNet shortcuts); XLA's own kernel for the others, where it beats
+    the im2col matmul once convolutions run on XLA's own kernels rather than
+    YNNPACK's (``x2jax.runtime``; ``benchmarks/conv_grads.py``, docs/benchmarks.md).
     """
     kh, kw, _, _ = kernel_shape
     return "matmul" if (kh, kw) == (1, 1) else "xla"
@@ -75,8 +73,8 @@ def input_grad_method(x_shape: Sequence[int], kernel_shape: Sequence[int],
 
     XLA computes it as a conv over the zero-dilated output gradient (3 of 4
     products are with zeros at stride 2); :func:`_input_grad_phases` as one
-    stride-1 conv per output phase. Measured 1.3-2.6x faster for inputs of
-    >= 28 px, 0.92x at 14 px (``benchmarks/conv_grads.py``).
+    stride-1 conv per output phase, faster for inputs of >= 28 px and slower
+    below (``benchmarks/conv_grads.py``, docs/benchmarks.md).
     """
     if tuple(strides) == (1, 1) or tuple(kernel_shape[:2]) == (1, 1):
         return "xla"
