@@ -22,8 +22,16 @@ def set_threads(threads: int | None = None) -> int:
     return n
 
 
-YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
-XLA_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+def _runtime():
+    sys.path.insert(0, REPO)
+    from x2jax import runtime  # no jax import: safe before XLA_FLAGS is set
+
+    return runtime
+
+
+# jaxlib's defaults, the inverse of what x2jax.runtime sets (for comparison runs)
+YNN_CONV_FLAG = _runtime().CPU_CONV_FLAG.replace("=-", "=+")
+XLA_SCHEDULER_FLAG = _runtime().CPU_SCHEDULER_FLAG.replace("=false", "=true")
 
 
 def parse_cpu_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -121,3 +129,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def compile_with_flops(jitted, *args) -> tuple[object, float, float | None]:
+    """``(compiled, compile seconds, XLA's FLOP count or None)`` of ``jitted`` on ``args``."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    flops = None
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0)) or None
+    except Exception:  # cost analysis is best effort
+        pass
+    return compiled, compile_s, flops

@@ -90,17 +90,8 @@ def _build_jax(args, impl: str) -> tuple:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
-        params, batch_stats, opt_state, images).compile()
-    compile_s = time.perf_counter() - t0
-    flops = None
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops", 0.0)) or None
-    except Exception:  # cost analysis is best effort
-        pass
+    compiled, compile_s, flops = _common.compile_with_flops(jax.jit(step, donate_argnums=(0, 1, 2)),
+                                                           params, batch_stats, opt_state, images)
     state = [params, batch_stats, opt_state]
 
     def run():

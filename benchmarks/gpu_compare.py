@@ -110,16 +110,8 @@ def jax_backbone(args, arch: str, batch: int, sync) -> dict:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), stats, opt_state, loss
 
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, images).compile()
-    compile_s = time.perf_counter() - t0
-    xla_flops = None
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        xla_flops = float(cost.get("flops", 0.0)) or None
-    except Exception:
-        pass
+    compiled, compile_s, xla_flops = _common.compile_with_flops(jax.jit(step, donate_argnums=(0, 1, 2)),
+                                                               *state, images)
 
     def run():
         p, s, o, loss = compiled(*state, images)
@@ -300,7 +292,7 @@ def main() -> None:
     print(_common.markdown_table(
         ["arch", "framework", "ms/step", "images/s", "TFLOP/s (analytic)", "MFU",
          "XLA GFLOP/step", "peak GiB", "compile s", "vs torch"], rows))
-    print(f"\nanalytic training GFLOP per image: "
+    print("\nanalytic training GFLOP per image: "
           + ", ".join(f"{a} {3 * iresnet_forward_flops(a, args.image_size) / 1e9:.1f}"
                       for a in args.archs.split(",") if a))
 

@@ -18,6 +18,8 @@ from x2jax.data.pipeline import CorruptImageError, NoUsableRecordsError, make_tr
 from x2jax.data.sources import EmptyDatasetError
 from x2jax.train import inputs
 
+from test_data_pipeline import BytesSource
+
 LOOSE_SECONDS = 60  # a guard against hangs, not a benchmark
 
 
@@ -148,18 +150,6 @@ def stream_of(n, epochs):
     return np.concatenate(
         [pipeline.shard_positions(n, seed=0, shard_index=0, shard_count=1, epoch=e) for e in range(epochs)]
     )
-
-
-class BytesSource:
-    def __init__(self, blobs, labels, image_size):
-        self.blobs, self.labels, self.image_size = blobs, labels, image_size
-        self.num_classes = max(labels) + 1
-
-    def __len__(self):
-        return len(self.blobs)
-
-    def __getitem__(self, i):
-        return {"image": self.blobs[i], "label": self.labels[i], "key": f"blob{i}"}
 
 
 def test_a_good_record_resets_the_run_limit_is_the_longest_run():

@@ -150,21 +150,33 @@ def load_bin(
         differing sizes with ``image_size=None``; see :func:`read_bin_raw` for the rest.
     """
     bins, issame = read_bin_raw(path)
+    return decode_pairs(bins, image_size, where=os.fspath(path)), issame
+
+
+def decode_pairs(bins: Sequence[bytes], image_size: tuple[int, int] | None, *, where: str) -> np.ndarray:
+    """Encoded images of a verification set -> uint8 (2N, H, W, 3) RGB, resized to ``image_size``.
+
+    Args:
+      bins: the 2N encoded images (pair i is images 2i and 2i + 1).
+      image_size: (H, W) to resize to (bilinear); None keeps the stored size.
+      where: the file or dataset, for error messages.
+
+    Raises:
+      ValueError: an undecodable image (naming ``where`` and the image index), or
+        differing sizes with ``image_size=None``.
+    """
     images = []
     for i, b in enumerate(bins):
         try:
             images.append(decode_image(b, image_size))
         except ValueError as e:
-            raise ValueError(f"{os.fspath(path)}: image {i} (pair {i // 2}): {e}") from e
+            raise ValueError(f"{where}: image {i} (pair {i // 2}): {e}") from e
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ValueError(
-            f"{os.fspath(path)}: images have different sizes {sorted(shapes)}; "
-            "pass image_size=(H, W) to resize"
-        )
+        raise ValueError(f"{where}: images have different sizes {sorted(shapes)}; pass image_size=(H, W) to resize")
     if not images:
-        return np.zeros((0, *(image_size or (112, 112)), 3), np.uint8), issame
-    return np.stack(images), issame
+        return np.zeros((0, *(image_size or (112, 112)), 3), np.uint8)
+    return np.stack(images)
 
 
 def write_bin(

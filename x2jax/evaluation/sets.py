@@ -25,7 +25,6 @@ import numpy as np
 
 from x2jax.data import synthetic as synthetic_data
 from x2jax.data import verification_bin
-from x2jax.data.images import decode_image
 
 SYNTHETIC = "synthetic"
 """Name of the held-out synthetic verification set."""
@@ -164,16 +163,7 @@ def _read_tfds(source: SetSource, size: tuple[int, int] | None) -> VerificationS
     )
     bins, issame = tfds_builders.read_verification_source(ds)
     where = os.path.join(os.fspath(source.path), "face_verification", source.name)
-    images = []
-    for i, b in enumerate(bins):
-        try:
-            images.append(decode_image(b, size))
-        except ValueError as e:
-            raise ValueError(f"{where}: image {i} (pair {i // 2}): {e}") from e
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"{where}: images have different sizes {sorted(shapes)}; resize them")
-    return np.stack(images), issame
+    return verification_bin.decode_pairs(bins, size, where=where), issame
 
 
 def open_verification_set(
