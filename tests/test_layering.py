@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "x2jax"
-FLOORS = {"runtime": 0, "losses": 0, "data": 1, "models": 1, "parallel": 2, "evaluation": 3, "train": 4}
+FLOORS = {"_extras": 0, "runtime": 0, "losses": 0, "data": 1, "models": 1, "parallel": 2, "evaluation": 3, "train": 4}
 
 
 def _module_name(path: Path) -> str:

@@ -18,6 +18,10 @@ Source names are listed in :mod:`x2jax.data.registry`. Modules: ``recordio``
 
 from __future__ import annotations
 
+from x2jax._extras import require
+
+require("train", "grain", "PIL", what="x2jax.data")
+
 from x2jax.data import (
     image_folder,
     images,

@@ -7,6 +7,10 @@ Images are (B, S, S, 3) float, normalised as (x/255 - 0.5)/0.5; S defaults to 11
 Convert insightface weights with ``python -m x2jax.models.convert``.
 """
 
+from x2jax._extras import require
+
+require("train", "flax", "orbax.checkpoint", what="x2jax.models")
+
 from x2jax.models.io import load_backbone, load_model, save_model
 from x2jax.models.iresnet import IResNet
 from x2jax.models.layers import conv2d
