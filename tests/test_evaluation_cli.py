@@ -90,11 +90,15 @@ def test_module_entry_point_matches_eval_py(workdir, tmp_path):
 
 
 def test_image_size_mismatch_and_resize(workdir):
+    """One policy with training: images of another size are resized; --no-resize refuses them."""
     d = workdir[0]
     args = ["--checkpoint", str(d / "model"), "--sets", "big", "--data-dir", str(d / "data")]
-    with pytest.raises(ValueError, match=r"set 'big' has 32x32 images but the checkpoint's model is for 16x16.*--resize"):
-        eval_cli.run(args)
-    assert eval_cli.run(args + ["--resize"])["sets"]["big"]["num_pairs"] == 30
+    with pytest.raises(ValueError, match=r"set 'big' has 32x32 images but the checkpoint's model is for 16x16.*"
+                                         r"without --no-resize"):
+        eval_cli.run(args + ["--no-resize"])
+    assert eval_cli.run(args)["sets"]["big"]["num_pairs"] == 30
+    explicit, default = eval_cli.run(args + ["--resize"])["sets"]["big"], eval_cli.run(args)["sets"]["big"]
+    assert explicit["accuracy"] == default["accuracy"] and explicit["num_pairs"] == default["num_pairs"]
 
 
 def test_pair_count_mismatch(workdir, tmp_path):

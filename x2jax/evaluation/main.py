@@ -51,7 +51,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=0,
         help="data.num_identities of the training run (0 = the config's); held-out identities start after them",
     )
-    p.add_argument("--resize", action="store_true", help="resize set images to the model's image size (bilinear)")
+    p.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
+                   help="resize set images of another size to the model's image size, bilinear, as insightface and "
+                        "training do (default); --no-resize makes another size an error")
     p.add_argument("--batch-size", type=int, default=256, help="images per step (rounded up to the device count)")
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--ijb", default=None, help="IJB root (meta/, loose_crop/) to run the 1:1 protocol")

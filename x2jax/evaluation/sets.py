@@ -208,7 +208,7 @@ def open_verification_set(
     if images.shape[1:3] != size:
         raise ValueError(
             f"set {source.name!r} has {images.shape[1]}x{images.shape[2]} images but the checkpoint's model is for "
-            f"{size[0]}x{size[1]} ({where}); pass resize=True (eval.py --resize) to resize them"
+            f"{size[0]}x{size[1]} ({where}); resize them with resize=True (eval.py: without --no-resize)"
         )
     return images, issame
 
