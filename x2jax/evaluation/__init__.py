@@ -1,10 +1,11 @@
-"""Evaluation: verification pairs (insightface protocol), IJB-B/C 1:1, export, loading.
+"""Evaluation: verification pairs (insightface protocol), IJB-B/C 1:1, export (jax.export, ONNX), loading.
 
 Modules: ``sets`` (verification sets by name), ``report`` (tables, JSON, ROC
 figures), ``main`` (the ``eval.py`` command line).
 """
 
 from x2jax.evaluation.loading import load_for_eval
+from x2jax.evaluation.onnx_export import export_onnx
 from x2jax.evaluation.verification import (
     VerificationResult,
     embed_images,
@@ -16,6 +17,7 @@ from x2jax.evaluation.verification import (
 __all__ = [
     "VerificationResult",
     "embed_images",
+    "export_onnx",
     "load_for_eval",
     "pair_distances",
     "verification_accuracy",

@@ -13,8 +13,7 @@ flip-summed, not normalised. The batch dimension is symbolic (any B works).
 The file is ``Exported.serialize()`` as is; it can be called from any JAX of the
 same or a newer version (StableHLO compatibility window, about 6 months) on
 the platforms it was lowered for (``platforms``, default: the current backend).
-ONNX export is not provided: no JAX-to-ONNX converter is installed here and
-the TF route (jax2tf + tf2onnx) needs TensorFlow.
+ONNX files for insightface's inference come from :mod:`x2jax.evaluation.onnx_export`.
 """
 
 from __future__ import annotations

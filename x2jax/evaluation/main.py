@@ -4,6 +4,7 @@
     python eval.py --checkpoint DIR --sets lfw,cfp_fp,agedb_30 --data-dir /data/faces_emore
     python eval.py --checkpoint DIR --ijb /data/IJB_release/IJBC --ijb-target IJBC
     python eval.py --checkpoint DIR --out results.json --roc-dir roc/ --export emb.npy
+    python eval.py --checkpoint DIR --export-onnx model.onnx                # insightface ONNX; no evaluation
 
 (``python -m x2jax.evaluation`` takes the same arguments.) Verification follows
 insightface's protocol (docs/evaluation.md): flip-summed embeddings, 10 folds,
@@ -25,6 +26,7 @@ import numpy as np
 
 from x2jax.evaluation import ijb, report, sets
 from x2jax.evaluation.loading import load_for_eval
+from x2jax.evaluation.onnx_export import OnnxExtraMissing
 from x2jax.evaluation.verification import embed_images, verification_accuracy
 from x2jax.parallel import DEFAULT_RULES, make_mesh, mesh_axis_size
 
@@ -35,9 +37,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="saved model dir (model.json + variables/) or train.py checkpoint")
     p.add_argument(
         "--sets",
-        default=sets.SYNTHETIC,
-        help=f"comma-separated verification sets: '{sets.SYNTHETIC}' (generated) or names of <data-dir>/<name>.bin "
-        "(or of a prepared TFDS face_verification/<name> in <data-dir>)",
+        default=None,
+        help=f"comma-separated verification sets: '{sets.SYNTHETIC}' (generated; the default) or names of "
+        "<data-dir>/<name>.bin (or of a prepared TFDS face_verification/<name> in <data-dir>); "
+        "with --export-onnx and neither --sets nor --ijb, nothing is evaluated",
     )
     p.add_argument("--data-dir", default=".", help="directory holding the .bin files")
     p.add_argument(
@@ -63,6 +66,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--roc-dir", default=None, help="write ROC plots (PNG) here")
     p.add_argument("--export", default=None, help="save flip-summed embeddings (.npy; one file per set: name_<set>.npy)")
     p.add_argument("--export-model", default=None, help="save the embedding function with jax.export to this file")
+    p.add_argument(
+        "--export-onnx",
+        default=None,
+        metavar="FILE.onnx",
+        help="write an ONNX model for insightface (model_zoo.get_model / FaceAnalysis): float32 NCHW RGB input "
+        "normalised (x - 127.5) / 127.5, dynamic batch; alone (no --sets / --ijb) it exports and exits",
+    )
     p.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
     return p
 
@@ -116,7 +126,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         (checked before the model is loaded where possible).
       ValueError: an empty request, a bad batch size, or a set that does not fit.
     """
-    names = [s.strip() for s in args.sets.split(",") if s.strip()]
+    if args.export_onnx:
+        from x2jax.evaluation.onnx_export import prepare_output_path  # noqa: PLC0415
+
+        prepare_output_path(args.export_onnx)  # an unwritable path fails before the model loads
+    if args.export_onnx and args.sets is None and not args.ijb:
+        return export_only(args)
+    names = [s.strip() for s in (sets.SYNTHETIC if args.sets is None else args.sets).split(",") if s.strip()]
     if not names and not args.ijb:
         raise ValueError("nothing to evaluate: --sets is empty and no --ijb")
     sources = sets.resolve_verification_sets(names, data_dir=args.data_dir)  # before loading the model
@@ -137,6 +153,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     results: dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint), "model": info, "sets": {}}
+    if args.export_onnx:  # before evaluating: a model that does not convert fails fast
+        results["exported_onnx"] = _export_onnx(args.export_onnx, info, variables)
     for name, images, issame in iter_verification_sets(args, sources, info, image_size):
         start = time.perf_counter()
         embeddings = embed_images(apply_fn, variables, images, batch_size, mesh=mesh)
@@ -184,6 +202,34 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _export_onnx(path: str, info: dict[str, Any], variables: Any) -> str:
+    from x2jax.evaluation.onnx_export import export_onnx  # noqa: PLC0415  (the onnx extra)
+
+    exported = export_onnx(info, variables, path)
+    print(f"wrote {exported.path} ({exported.arch}, ONNX opset {exported.opset}, "
+          f"converted in {exported.seconds:.1f} s)\n{exported.describe()}", flush=True)
+    return exported.path
+
+
+def export_only(args: argparse.Namespace) -> dict[str, Any]:
+    """``--export-onnx`` without ``--sets`` / ``--ijb``: load, export (ONNX, and
+    ``--export-model`` if given), write ``--out``; nothing is evaluated."""
+    _, variables, info = load_for_eval(args.checkpoint)  # float32: the ONNX graph is float32
+    print(f"checkpoint {args.checkpoint}: {info.get('arch')} embedding {info.get('embedding_size')} "
+          f"image {info['image_size']}px", flush=True)
+    results: dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint), "model": info, "sets": {}}
+    results["exported_onnx"] = _export_onnx(args.export_onnx, info, variables)
+    if args.export_model:
+        from x2jax.evaluation.export import export_embedding, save_exported  # noqa: PLC0415
+        from x2jax.evaluation.loading import model_spec  # noqa: PLC0415
+
+        spec = model_spec(info, **({"dtype": args.dtype} if args.dtype else {}))
+        results["exported_model"] = save_exported(args.export_model, export_embedding(spec, variables))
+    if args.out:
+        print(f"wrote {report.write_json(args.out, results)}", flush=True)
+    return results
+
+
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` and :func:`evaluate`; returns the results dict."""
     return evaluate(parse_args(argv))
@@ -193,7 +239,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "eval.py") -> int:
     """Command-line entry: 0 on success, 2 with a one-line error for what the user can fix."""
     try:
         evaluate(parse_args(argv, prog))
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+    except (FileNotFoundError, ValueError, NotImplementedError, OnnxExtraMissing) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0

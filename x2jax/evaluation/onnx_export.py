@@ -27,8 +27,8 @@ extra: ``pip install 'x2jax[onnx]'``); weights are constants of the file.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
+import logging
 import os
 import tempfile
 import time
@@ -89,7 +89,7 @@ def _import_converter():
     return jax2onnx, onnx
 
 
-def _prepare_path(path: str | os.PathLike) -> str:
+def prepare_output_path(path: str | os.PathLike) -> str:
     """Absolute path whose directory exists and is writable (probed with a real file)."""
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
@@ -159,7 +159,7 @@ def export_onnx(
     jax2onnx, onnx = _import_converter()
     if not isinstance(spec, ModelSpec):
         spec = model_spec(spec)
-    path = _prepare_path(path)
+    path = prepare_output_path(path)
     size = spec.image_size
     module = spec.replace(conv_impl="xla", dtype="float32").build()
     variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32) if jnp.issubdtype(jnp.result_type(v), jnp.floating)
@@ -169,6 +169,9 @@ def export_onnx(
         return module.apply(variables, jnp.transpose(images_nchw, (0, 2, 3, 1)), train=False)
 
     start = time.perf_counter()
+    serde_log = logging.getLogger("onnx_ir.serde")  # "value type ... not known" for shape constants
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
     try:
         model = jax2onnx.to_onnx(
             embed,
@@ -183,6 +186,8 @@ def export_onnx(
             f"jax2onnx {getattr(jax2onnx, '__version__', '?')} cannot convert {spec.arch} "
             f"({size}px) to ONNX opset {opset}: {_first_line(e)}"
         ) from e
+    finally:
+        serde_log.setLevel(level)
     seconds = time.perf_counter() - start
     _avoid_normalisation_sniff(model)
     meta = {
@@ -198,6 +203,9 @@ def export_onnx(
     os.close(fd)
     try:
         onnx.save_model(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have made
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -217,7 +225,4 @@ def export_onnx(
     )
 
 
-__all__ = ["DEFAULT_OPSET", "OnnxExportError", "OnnxExportInfo", "OnnxExtraMissing", "export_onnx"]
-
-# functools is imported for callers that partial export_onnx; keep the name used.
-del functools
+__all__ = ["DEFAULT_OPSET", "OnnxExportError", "OnnxExportInfo", "OnnxExtraMissing", "export_onnx", "prepare_output_path"]
