@@ -80,10 +80,15 @@ def make_run_mesh(config: ml_collections.ConfigDict, rules: ShardingRules) -> Me
 
 
 def build_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: ShardingRules, *, num_classes: int,
-               image_size: int, total_steps: int) -> Step:
-    """Model, schedule, optimizer, state factory and jitted step of ``config`` on ``mesh``."""
+               image_size: int, total_steps: int, platform: str | None = None) -> Step:
+    """Model, schedule, optimizer, state factory and jitted step of ``config`` on ``mesh``.
+
+    ``platform`` ("cpu", "gpu", "tpu"; default: this process's backend) is the one the
+    step is compiled for: pass "tpu" to compile ahead of time for a TPU topology.
+    """
     spec = ModelSpec.from_config(config, image_size)
-    model = spec.build()  # conv_impl "auto" resolved for this process's backend and devices
+    # conv_impl "auto" resolved for the target platform and the mesh's devices
+    model = spec.build(platform=platform, num_devices=mesh.size)
     schedule = make_schedule(config.schedule, total_steps)
     tx = make_optimizer(config.optimizer, schedule)
     float16 = config.model.dtype == "float16"
