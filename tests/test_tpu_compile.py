@@ -90,6 +90,8 @@ def test_unknown_topology(libtpu):
         tpu.topology_mesh("v5e:3x3")
     with pytest.raises(ValueError, match="unknown TPU topology 'bogus'"):
         tpu.topology_mesh("bogus")
+    with pytest.raises(ValueError, match="megacore"):
+        tpu.topology_mesh("v4:2x2x1")
 
 
 def test_libtpu_missing(monkeypatch):

@@ -69,11 +69,16 @@ def topology_mesh(topology_name: str, *, model: int = 1) -> Mesh:
 
     Raises:
       ImportError: libtpu is not installed (``pip install 'x2jax[tpu]'``).
-      ValueError: libtpu does not know ``topology_name``, or ``model`` does not divide its chips.
+      ValueError: libtpu does not know ``topology_name``, it has two devices per chip (v4
+        megacore), or ``model`` does not divide its chips.
     """
     from x2jax.parallel.mesh import make_mesh  # noqa: PLC0415
 
-    return make_mesh(data=-1, model=model, devices=topology_devices(topology_name))
+    devices = topology_devices(topology_name)
+    if len({(d.process_index, tuple(d.coords)) for d in devices}) < len(devices):
+        raise ValueError(f"TPU topology {topology_name!r} has {len(devices)} devices on fewer chips (megacore, "
+                         f"e.g. v4): jax.make_mesh wants one device per chip; use v5e, v5p or v6e")
+    return make_mesh(data=-1, model=model, devices=devices)
 
 
 def compile_train_step(config: Any, topology_name: str, *, num_classes: int, image_size: int,
@@ -188,3 +193,28 @@ def summarize_compiled(compiled: Any) -> CompiledPlan:
               "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes,
               "code": m.generated_code_size_in_bytes}
     return CompiledPlan(memory, hlo_collectives(compiled.as_text()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m x2jax.tpu CONFIG TOPOLOGY --num-classes N --image-size S [key=value ...]``."""
+    import argparse  # noqa: PLC0415
+
+    from x2jax.train import config as config_lib  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(prog="python -m x2jax.tpu", description=main.__doc__)
+    p.add_argument("config")
+    p.add_argument("topology")
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dtype=bfloat16")
+    args = p.parse_intermixed_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; no TPU is opened
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, args.overrides)
+    compiled = compile_train_step(config, args.topology, num_classes=args.num_classes, image_size=args.image_size)
+    print(f"{args.topology}: batch {config.data.batch_size}, {args.num_classes} classes")
+    print(summarize_compiled(compiled).format())
+
+
+if __name__ == "__main__":
+    main()
