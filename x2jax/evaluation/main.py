@@ -189,14 +189,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 [results["ijb"]], os.path.join(args.roc_dir, f"{args.ijb_target.lower()}_roc.png")
             )
 
-    if args.export_model:
-        from x2jax.evaluation.export import export_embedding, save_exported  # pylint: disable=import-outside-toplevel
+    return _export_model_and_write(args, info, variables, results)
 
-        from x2jax.evaluation.loading import model_spec  # pylint: disable=import-outside-toplevel
+
+def _export_model_and_write(args: argparse.Namespace, info: dict[str, Any], variables: Any,
+                            results: dict[str, Any]) -> dict[str, Any]:
+    """``--export-model`` (StableHLO) and ``--out`` (JSON) of a finished run of the command."""
+    if args.export_model:
+        from x2jax.evaluation.export import export_embedding, save_exported  # noqa: PLC0415
+        from x2jax.evaluation.loading import model_spec  # noqa: PLC0415
 
         spec = model_spec(info, **({"dtype": args.dtype} if args.dtype else {}))
         results["exported_model"] = save_exported(args.export_model, export_embedding(spec, variables))
-
     if args.out:
         print(f"wrote {report.write_json(args.out, results)}", flush=True)
     return results
@@ -219,15 +223,7 @@ def export_only(args: argparse.Namespace) -> dict[str, Any]:
           f"image {info['image_size']}px", flush=True)
     results: dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint), "model": info, "sets": {}}
     results["exported_onnx"] = _export_onnx(args.export_onnx, info, variables)
-    if args.export_model:
-        from x2jax.evaluation.export import export_embedding, save_exported  # noqa: PLC0415
-        from x2jax.evaluation.loading import model_spec  # noqa: PLC0415
-
-        spec = model_spec(info, **({"dtype": args.dtype} if args.dtype else {}))
-        results["exported_model"] = save_exported(args.export_model, export_embedding(spec, variables))
-    if args.out:
-        print(f"wrote {report.write_json(args.out, results)}", flush=True)
-    return results
+    return _export_model_and_write(args, info, variables, results)
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
