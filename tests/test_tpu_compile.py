@@ -14,7 +14,7 @@ import pytest
 
 from x2jax import tpu
 from x2jax.train import config as config_lib
-from x2jax.train.state import padded_num_classes
+from x2jax.train.state import checkpoint_class_rows
 
 pytestmark = pytest.mark.tpu
 
@@ -59,7 +59,7 @@ def test_topology_mesh(libtpu):
 def test_w_stays_sharded_and_no_cpu_custom_call(compiled_f32):
     plan = tpu.summarize_compiled(compiled_f32)
     state_shardings = compiled_f32.input_shardings[0][0]
-    c_pad, d = padded_num_classes(NUM_CLASSES, CHIPS), 32
+    c_pad, d = checkpoint_class_rows(NUM_CLASSES, CHIPS), 32
     w_sharding = state_shardings.params["head"]["weight"]
     shard = w_sharding.shard_shape((c_pad, d))
     assert c_pad == 1024 and shard == (c_pad // CHIPS, d)

@@ -23,7 +23,7 @@ from x2jax.models.spec import ModelSpec
 from x2jax.train.checkpointing import Checkpointer
 from x2jax.train.loop import BadLabelError, NonFiniteLossError, train
 from x2jax.train.optimizer import make_optimizer, make_schedule
-from x2jax.train.state import is_sharded_like, make_state_factory
+from x2jax.train.state import make_state_factory
 from x2jax.parallel.mesh import make_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +45,11 @@ def tiny_config(tmp_cache, **overrides) -> ml_collections.ConfigDict:
     c.compilation_cache_dir = str(tmp_cache)
     config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
     return c
+
+
+def is_sharded_like(tree, shardings) -> bool:
+    """True if every array leaf of ``tree`` has the matching ``NamedSharding`` spec."""
+    return all(jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), tree, shardings)))
 
 
 def nan_image_at(step_no: int):

@@ -99,9 +99,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def restore_newest(self, attempt: Callable[[int], T], *, below: int | None = None) -> tuple[int, T] | None:
         """``(step, attempt(step))`` for the newest step on which ``attempt`` succeeds.
 

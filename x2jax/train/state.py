@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from x2jax import losses
 from x2jax.models.registry import init_variables
@@ -62,8 +62,10 @@ class TrainState:
     rng: jax.Array
 
 
-def padded_num_classes(num_classes: int, num_shards: int) -> int:
-    """Rows of W: ``num_classes`` rounded up to a multiple of ``lcm(128, num_shards)``."""
+def checkpoint_class_rows(num_classes: int, num_shards: int) -> int:
+    """Rows of W as trained and checkpointed: ``num_classes`` rounded up to a multiple of
+    ``lcm(128, num_shards)`` (:func:`x2jax.parallel.pad_num_classes` pads to the shard
+    count only), so a checkpoint restores on any shard count dividing 128."""
     return pad_num_classes(num_classes, math.lcm(CLASS_PAD_MULTIPLE, num_shards))
 
 
@@ -142,7 +144,7 @@ def make_state_factory(
     (``jax.ShapeDtypeStruct`` carrying the target shardings) is what a checkpoint
     restores into, on this mesh whatever mesh saved it.
     """
-    padded = padded_num_classes(num_classes, num_class_shards(mesh, rules))
+    padded = checkpoint_class_rows(num_classes, num_class_shards(mesh, rules))
     init = functools.partial(
         _init_state,
         model=model,
@@ -161,11 +163,3 @@ def make_state_factory(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     return create, shardings, abstract_sharded
-
-
-def is_sharded_like(tree: Any, shardings: Any) -> bool:
-    """True if every array leaf of ``tree`` has the matching ``NamedSharding`` spec."""
-    def same(x, s: NamedSharding) -> bool:
-        return x.sharding.is_equivalent_to(s, x.ndim)
-
-    return all(jax.tree.leaves(jax.tree.map(same, tree, shardings)))
