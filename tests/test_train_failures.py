@@ -191,7 +191,7 @@ def test_replayed_steps_are_logged_once(tmp_path, cache_dir):
 # signals while waiting for data
 # ---------------------------------------------------------------------------
 def test_watcher_interrupts_a_wait_that_never_ends():
-    watcher = PreemptionWatcher(catch_sigint=True)
+    watcher = PreemptionWatcher(catch_sigint=True, wait_grace_s=1.0)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     t0 = time.monotonic()
     try:
@@ -203,7 +203,22 @@ def test_watcher_interrupts_a_wait_that_never_ends():
     finally:
         timer.cancel()
         watcher.close()
-    assert time.monotonic() - t0 < 10 and watcher.requested
+    assert 1.4 < time.monotonic() - t0 < 10 and watcher.requested  # after the signal and the grace
+
+
+def test_watcher_lets_a_wait_that_ends_within_the_grace_finish():
+    """A loader that yields soon after SIGTERM: the step runs (and the loop then saves)."""
+    watcher = PreemptionWatcher(wait_grace_s=1.0)
+    t0 = time.monotonic()
+    try:
+        with watcher.interruptible():
+            os.kill(os.getpid(), signal.SIGTERM)
+            while time.monotonic() - t0 < 0.3:
+                time.sleep(0.01)
+        time.sleep(1.5)  # past the grace: the timer finds the wait over and does nothing
+    finally:
+        watcher.close()
+    assert watcher.requested and watcher.signal_name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 

@@ -28,6 +28,7 @@ restore aside to ``corrupt-<step>`` and falls back to the next older one.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import shutil
@@ -194,15 +195,19 @@ class RunInterrupted(Exception):
 class PreemptionWatcher:
     """Sets ``requested`` on SIGTERM (or SIGINT when ``catch_sigint``); restores handlers on close.
 
-    Inside ``with watcher.interruptible():`` a signal also raises
-    :class:`RunInterrupted` at once, for waits that may never end (a loader
-    with no usable record). A second SIGINT raises ``KeyboardInterrupt``.
+    Inside ``with watcher.interruptible():`` (the loop's wait for data) a
+    signal gives the wait ``wait_grace_s`` to end by itself, so that the step
+    runs and is saved as after any other signal; a wait still going then (a
+    loader that may never yield) is ended with :class:`RunInterrupted`. A second
+    SIGINT raises ``KeyboardInterrupt``.
     """
 
-    def __init__(self, catch_sigint: bool = False):
+    def __init__(self, catch_sigint: bool = False, *, wait_grace_s: float = 5.0):
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}
         self._interruptible = False
+        self._grace_over = False
+        self.wait_grace_s = float(wait_grace_s)
         self.signal_name: str | None = None
         if threading.current_thread() is not threading.main_thread():
             return  # signals can only be caught on the main thread
@@ -212,16 +217,31 @@ class PreemptionWatcher:
 
     def _handle(self, signum, frame) -> None:
         del frame
+        if self._grace_over:  # re-delivered by _end_wait: the wait did not end in time
+            self._grace_over = False
+            if self._interruptible:
+                raise RunInterrupted(self.signal_name)
+            return
         if signum == signal.SIGINT and self._event.is_set():
             raise KeyboardInterrupt  # the second Ctrl-C does not wait for the step
         self.signal_name = signal.Signals(signum).name
         self._event.set()
         if self._interruptible:
-            raise RunInterrupted(self.signal_name)
+            if self.wait_grace_s <= 0:
+                raise RunInterrupted(self.signal_name)
+            timer = threading.Timer(self.wait_grace_s, self._end_wait, args=(signum,))
+            timer.daemon = True
+            timer.start()
+
+    def _end_wait(self, signum: int) -> None:
+        if self._interruptible:
+            self._grace_over = True
+            _thread.interrupt_main(signum)  # runs _handle in the main thread
 
     @contextlib.contextmanager
     def interruptible(self):
-        """A block that a stop signal ends with :class:`RunInterrupted` (also if one came before)."""
+        """A block that a stop signal ends with :class:`RunInterrupted` after the grace
+        (at once if the signal came before)."""
         if self.requested:
             raise RunInterrupted(self.signal_name)
         self._interruptible = True

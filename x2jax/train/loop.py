@@ -138,8 +138,9 @@ def _lock_workdir(workdir: Path) -> WorkdirLock | None:
     return lock
 
 
-def _resume_or_create(run: Run, iterator) -> tuple[Any, Any]:
-    """The newest restorable checkpoint of this run (corrupt ones moved aside), or a new state.
+def _resume_or_create(run: Run, iterator) -> tuple[AheadOfTimeStep, Any, Any]:
+    """(step compiling ahead, state, iterator): the newest restorable checkpoint (corrupt ones moved
+    aside) of this run, or a new state.
 
     The checkpoint's meta is checked before the step starts compiling; the state
     is restored while it compiles.
