@@ -61,12 +61,13 @@ def test_from_json_refuses_unknown_keys_unless_ignored():
         ModelSpec.from_json({"embedding_size": 8, "image_size": 16})
 
 
-def test_same_function_ignores_conv_impl_only():
+def test_same_function_ignores_runtime_fields_only():
     spec = ModelSpec("r18_tiny", 8, 16, layers=(1, 1, 1, 1), widths=(8, 8, 16, 16))
-    assert RUNTIME_FIELDS == ("conv_impl",)
-    assert set(LOAD_FIELDS) == {"conv_impl", "dtype", "dropout"}
+    assert RUNTIME_FIELDS == ("conv_impl", "remat", "batch_norm")
+    assert set(LOAD_FIELDS) == {"conv_impl", "remat", "batch_norm", "dtype", "dropout"}
     for impl in ("xla", "im2col", "onednn", "auto"):
         assert spec.same_function(spec.replace(conv_impl=impl))
+    assert spec.same_function(spec.replace(remat="blocks", batch_norm="local"))
     for change in ({"dtype": "bfloat16"}, {"dropout": 0.1}, {"embedding_size": 16}, {"image_size": 32},
                    {"layers": (1, 1, 2, 1)}, {"widths": None}, {"arch": "mobilefacenet"}):
         assert not spec.same_function(spec.replace(**change)), change

@@ -96,6 +96,8 @@ class IResNet(nn.Module):
       dropout: rate before the fc (insightface default 0; needs a 'dropout' rng if > 0).
       dtype: compute dtype of the convolutional trunk (params stay float32).
       conv_impl: name of the conv implementation (``layers.CONV_IMPLS``).
+      remat: gradient checkpointing ("none", "blocks" or a policy name).
+      batch_norm: training BatchNorm statistics over the "global" batch or per device ("local").
       arch: name used in error messages.
     """
 
@@ -106,6 +108,8 @@ class IResNet(nn.Module):
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     conv_impl: str = "xla"
+    remat: str = "none"
+    batch_norm: str = "global"
     arch: str = "iresnet"
 
     @property

@@ -125,6 +125,8 @@ class MobileFaceNet(nn.Module):
     image_size: int = 112
     dtype: jnp.dtype = jnp.float32
     conv_impl: str = "xla"
+    remat: str = "none"  # gradient checkpointing ("none", "blocks" or a policy name)
+    batch_norm: str = "global"  # training BN statistics: "global" batch or per device ("local")
     arch: str = "mobilefacenet"
 
     num_fixed_params = 0

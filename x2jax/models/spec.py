@@ -26,8 +26,10 @@ from flax import linen as nn
 from x2jax.models.layers import resolve_conv_impl
 from x2jax.models.registry import get_model
 
-RUNTIME_FIELDS: tuple[str, ...] = ("conv_impl",)
-"""Fields that say how the model runs, not what it computes (a resume may change them)."""
+RUNTIME_FIELDS: tuple[str, ...] = ("conv_impl", "remat", "batch_norm")
+"""Fields that say how the model runs or trains, not what it computes at inference (a resume may
+change them): the conv implementation, gradient checkpointing, and whether training BatchNorm
+statistics are taken over the global batch or per device."""
 
 LOAD_FIELDS: tuple[str, ...] = RUNTIME_FIELDS + ("dtype", "dropout")
 """Fields a loader may override (``load_model``, ``load_backbone``): they change no shape."""
@@ -51,6 +53,8 @@ class ModelSpec:
       conv_impl: a name in :data:`x2jax.models.layers.CONV_IMPLS` ("auto": resolved by
         :meth:`build`).
       dropout: dropout rate before the embedding layer (IResNet).
+      remat: gradient checkpointing, "none", "blocks" or a policy name.
+      batch_norm: training statistics over the "global" batch or per device ("local").
       layers: blocks per stage (None: the architecture's).
       widths: channels per stage (None: the architecture's).
     """
@@ -61,6 +65,8 @@ class ModelSpec:
     dtype: str = "float32"
     conv_impl: str = "auto"
     dropout: float = 0.0
+    remat: str = "none"
+    batch_norm: str = "global"
     layers: tuple[int, ...] | None = None
     widths: tuple[int, ...] | None = None
 
@@ -85,18 +91,22 @@ class ModelSpec:
         m = config.model
         return cls(arch=m.name, embedding_size=int(m.embedding_size), image_size=int(image_size),
                    dtype=m.dtype, conv_impl=m.conv_impl, dropout=float(m.dropout),
-                   layers=m.layers or None, widths=m.widths or None)
+                   remat=m.remat, batch_norm=m.batch_norm, layers=m.layers or None, widths=m.widths or None)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON dict stored in checkpoints (``meta["model"]``) and ``model.json``.
 
         Returns:
           ``arch``, ``embedding_size``, ``image_size``, ``dtype``, ``conv_impl``,
-          ``dropout``, and ``layers`` / ``widths`` as lists when set.
+          ``dropout``, ``remat`` / ``batch_norm`` when not the default, and ``layers`` /
+          ``widths`` as lists when set.
         """
         d: dict[str, Any] = {"arch": self.arch, "embedding_size": self.embedding_size,
                              "image_size": self.image_size, "dtype": self.dtype,
                              "conv_impl": self.conv_impl, "dropout": self.dropout}
+        for key, default in (("remat", "none"), ("batch_norm", "global")):
+            if getattr(self, key) != default:  # old readers keep reading default specs
+                d[key] = getattr(self, key)
         for key in _LIST_FIELDS:
             if getattr(self, key):
                 d[key] = list(getattr(self, key))
@@ -146,6 +156,7 @@ class ModelSpec:
         """
         kwargs: dict[str, Any] = {"embedding_size": self.embedding_size, "image_size": self.image_size,
                                   "dtype": self.dtype, "dropout": self.dropout,
+                                  "remat": self.remat, "batch_norm": self.batch_norm,
                                   "conv_impl": resolve_conv_impl(self.conv_impl, platform, num_devices)}
         for key in _LIST_FIELDS:
             if getattr(self, key):

@@ -55,8 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     # layers / widths: override the architecture's stages (() = the named architecture's).
+    # remat: gradient checkpointing ("none", "blocks" or a policy name); batch_norm: training
+    # statistics over the "global" batch or per device ("local", as torch DDP).
     c.model = ml_collections.ConfigDict(
-        dict(name="r18_tiny", embedding_size=128, dtype="float32", conv_impl="auto", dropout=0.0, layers=(), widths=())
+        dict(name="r18_tiny", embedding_size=128, dtype="float32", conv_impl="auto", dropout=0.0, layers=(), widths=(),
+             remat="none", batch_norm="global")
     )
     # Loss: a name from x2jax.losses.NAMES and its keyword params; sample_rate < 1 is Partial FC.
     c.loss = ml_collections.ConfigDict(
