@@ -4,8 +4,10 @@
     python train.py --config configs/ms1mv3_r50_x2softmax.py --workdir runs/ms1mv3_r50 \
         --config.data.path=/data/ms1mv3 --config.data.batch_size=1024
 
-Any config key can be overridden with --config.<key>=<value>; unknown keys are an
-error. Re-running the same command resumes from the latest checkpoint in --workdir.
+--config takes file.py or file.py:arg (e.g. configs/ms1mv3_r50_x2softmax.py:arcface, the same
+recipe with another loss). Any config key can be overridden with --config.<key>=<value>;
+unknown keys are an error. Re-running the same command resumes from the latest checkpoint
+in --workdir.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from x2jax.train.loop import USER_ERRORS, train
 
     try:
-        config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+        config = config_lib.load_config(args.config, overrides)
         workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
         train(config, workdir)
     except USER_ERRORS as e:  # what the user can fix: one message, no traceback

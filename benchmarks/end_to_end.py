@@ -74,7 +74,7 @@ def worker(args) -> None:
     overrides = [f"num_steps={args.steps}", f"log_every_steps={args.steps}",
                  f"checkpoint.every_steps={args.steps}", f"model.conv_impl={args.impl}",
                  f"compilation_cache_dir={args.cache_dir}"] + list(args.override)
-    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    config = config_lib.load_config(args.config, overrides)
     summary = train(config, args.workdir)
     summary = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
     summary["batch_size"] = int(config.data.batch_size)

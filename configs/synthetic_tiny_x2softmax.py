@@ -1,7 +1,7 @@
 """Default run: synthetic identities (500 x 48 images, 32x32), r18_tiny, X2-Softmax. Minutes on a 2-core CPU.
 
-``get_config("arcface")`` gives the same recipe with another loss (see the
-sibling files synthetic_tiny_arcface.py / _cosface.py).
+``--config configs/synthetic_tiny_x2softmax.py:arcface`` (``get_config("arcface")``) gives
+the same recipe with another loss; any name in ``x2jax.losses.NAMES`` works.
 """
 
 from x2jax.train.config import base_config, set_loss

@@ -36,7 +36,7 @@ def _configs():
     custom = config_lib.load_config(ROOT / "configs" / "synthetic_tiny_x2softmax.py")
     custom.model.layers, custom.model.widths, custom.model.embedding_size = (1, 1, 1, 1), (8, 8, 16, 16), 32
     custom.model.conv_impl, custom.model.dtype, custom.model.dropout = "xla", "bfloat16", 0.2
-    r50 = config_lib.load_config(ROOT / "configs" / "ms1mv3_r50_arcface.py")
+    r50 = config_lib.load_config(f"{ROOT / 'configs' / 'ms1mv3_r50_x2softmax.py'}:arcface")
     mbf = config_lib.load_config(ROOT / "configs" / "synthetic_tiny_x2softmax.py")
     mbf.model.name = "mobilefacenet"
     return [(tiny, 16), (custom, 32), (r50, 112), (mbf, 112)]

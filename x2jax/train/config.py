@@ -1,20 +1,21 @@
 """Training configuration: the schema with defaults, loading, overrides, validation.
 
-Config files in ``configs/`` are small Python files with ``get_config()`` that
+Config files in ``configs/`` are small Python files with ``get_config(arg)`` that
 start from :func:`base_config` (every key the trainer reads, with defaults)
-and change what their recipe needs. ``base_config`` is locked: assigning a key it
-does not have raises, in files and on the command line alike
-(``--config.optimizer.lr=0.05`` style overrides, parsed to the type of the
-existing value). :func:`validate` checks everything that can be checked before
-devices are touched or anything compiles.
+and change what their recipe needs; the optional ``arg`` (``file.py:arcface``)
+picks a variant, such as the loss. ml_collections' config flags load them and
+parse ``--config.optimizer.lr=0.05`` style overrides to the type of the existing
+value. The config is locked: assigning a key it does not have raises, in files
+and on the command line alike. :func:`validate` checks everything that can be
+checked before devices are touched or anything compiles.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -129,88 +130,127 @@ def set_loss(config: ml_collections.ConfigDict, name: str) -> ml_collections.Con
     return config
 
 
-def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Load ``get_config()`` from a Python file (``file.py`` or ``file.py:arg``)."""
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The locked config of ``file.py`` or ``file.py:arg``, with ``key.sub=value`` overrides.
+
+    ml_collections' own flags load it: ``config_flags.DEFINE_config_file(lock_config=True)``
+    calls ``get_config()`` (``get_config(arg)`` after a colon); the file may import sibling
+    files of its folder. Overrides then go through :func:`apply_overrides`.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ConfigError: the file fails to import, has no ``get_config``, ``get_config(arg)``
+        fails, or it does not return a ConfigDict; a bad override.
+    """
+    from absl import flags  # noqa: PLC0415 (the train extra)
+    from ml_collections import config_flags  # noqa: PLC0415
+
     path = str(path)
-    arg = None
-    if ":" in Path(path).name:
-        path, arg = path.rsplit(":", 1)
-    file = Path(path)
+    file_name, _, arg = path.partition(":") if ":" in Path(path).name else (path, "", "")
+    file = Path(file_name)
     if not file.is_file():
         raise FileNotFoundError(f"config file {file} not found")
-    spec = importlib.util.spec_from_file_location(f"x2jax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(file.parent.absolute()))  # configs may import their siblings
+    argv = ["x2jax", f"--config={path}"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=values, lock_config=True, sys_argv=argv)
+    folder = str(file.parent.absolute())
+    sys.path.insert(0, folder)  # configs may import their siblings
+    sys.modules.pop("config_config", None)  # config_flags re-executes into a cached module otherwise
     try:
-        spec.loader.exec_module(module)
+        with warnings.catch_warnings():  # config_flags imports with SourceFileLoader.load_module()
+            warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+            values(argv)
+            config = values.config
+    except flags.Error as e:  # get_config raised: config_flags wraps it with a traceback
+        last = str(e).strip().splitlines()[-1]
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"config file {path}: {call} failed: {last}") from None
+    except SyntaxError as e:
+        raise ConfigError(f"config file {file}: syntax error line {e.lineno}: {e.msg}") from None
+    except AttributeError as e:  # no get_config, or get_config() set a key the schema lacks
+        if "get_config" in str(e):
+            raise ConfigError(f"config file {file} has no get_config()") from None
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"config file {path}: {call} failed: {e}") from None
+    except OSError as e:  # the import failed (config_flags defers its IOError to the first access)
+        raise ConfigError(f"config file {file} could not be loaded: {e.__cause__ or e}") from None
+    except Exception as e:  # noqa: BLE001 (anything the file raises while it is imported)
+        raise ConfigError(f"config file {file} could not be loaded: {type(e).__name__}: {e}") from None
     finally:
-        sys.path.remove(str(file.parent.absolute()))
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {file} has no get_config()")
-    config = module.get_config(arg) if arg is not None else module.get_config()
+        sys.path.remove(folder)
+        sys.modules.pop("config_config", None)
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"{file}: get_config() must return an ml_collections.ConfigDict")
-    return config
+        raise ConfigError(f"{file}: get_config() must return an ml_collections.ConfigDict, "
+                          f"got {type(config).__name__}")
+    return apply_overrides(config, overrides)
 
 
-def _parse_like(text: str, current: Any, key: str) -> Any:
-    if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ConfigError(f"--config.{key}: expected a boolean, got {text!r}")
-    if isinstance(current, int):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = None
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"--config.{key}: expected an integer, got {text!r}")
-        return value
-    if isinstance(current, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"--config.{key}: expected a number, got {text!r}") from None
-    if isinstance(current, (tuple, list)):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = tuple(v.strip() for v in text.split(",") if v.strip())
-        return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    return text
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               tuple: "a tuple", list: "a list"}
+
+
+def _check_override_key(config: ml_collections.ConfigDict, key: str) -> bool:
+    """Whether ``key`` exists; False for a new ``loss.params`` keyword. Raises naming the known keys."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts):
+        if parts[:i] == ["loss", "params"] and i == len(parts) - 1 and part not in node:
+            return False  # margin-function keywords: any name (validate() checks it against the loss)
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:i]) or "<top level>"
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f"unknown config key {key!r}: {where} has no {part!r} (known: {', '.join(known)})")
+        node = node[part]
+    return True
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Apply ``key.sub=value`` strings; unknown keys raise naming the known ones."""
+    """Apply ``key.sub=value`` strings with ml_collections' config flags (in place).
+
+    Each value is parsed to the type of the key's current value, as
+    ``--config.key=value`` on a ``config_flags`` command line (tuples as ``1,2`` or
+    ``(1, 2)``; booleans as true/false/1/0). ``loss.params`` may gain keywords
+    (:func:`validate` checks them against the loss).
+
+    Raises:
+      ConfigError: a malformed override, an unknown key (naming the known ones), or a
+        value that does not parse as the key's type.
+    """
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    existing = []
     for item in overrides:
-        if "=" not in item:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
             raise ConfigError(f"config override {item!r} must look like key.sub=value")
-        key, text = item.split("=", 1)
-        parts = key.split(".")
-        node = config
-        for i, part in enumerate(parts):
-            free = parts[:i] == ["loss", "params"]  # margin-function keywords: any name
-            if free and i == len(parts) - 1:
-                break
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                where = ".".join(parts[:i]) or "<top level>"
-                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise ConfigError(f"unknown config key {key!r}: {where} has no {part!r} (known: {', '.join(known)})")
-            if i < len(parts) - 1:
-                node = node[part]
-        last = parts[-1]
-        if last in node:
-            node[last] = _parse_like(text, node[last], key)
+        if _check_override_key(config, key):
+            existing.append((key, text))
         else:
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text
-            with node.unlocked():
-                node[last] = value
-    return config
+            with config.loss.params.unlocked():
+                config.loss.params[key.split(".")[-1]] = value
+    if not existing:
+        return config
+    argv = ["x2jax"] + [f"--config.{key}={text}" for key, text in existing]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=True, sys_argv=argv)
+    try:
+        values(argv)
+    except flags.Error as e:
+        key = next((k for k, _ in existing if f"--config.{k}=" in str(e)), None)
+        if key is None:
+            raise ConfigError(f"config overrides: {e}") from None
+        current = config
+        for part in key.split("."):
+            current = current[part]
+        text = dict(existing)[key]
+        expected = _TYPE_NAMES.get(type(current), type(current).__name__)
+        raise ConfigError(f"--config.{key}: expected {expected}, got {text!r}") from None
+    return values.config
 
 
 def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "") -> None:
@@ -249,6 +289,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
     if m.conv_impl not in CONV_IMPLS:
         raise ConfigError(f"model.conv_impl must be one of {sorted(CONV_IMPLS)}, got {m.conv_impl!r}")
+    if m.batch_norm not in ("global", "local"):  # x2jax.models.iresnet.BATCH_NORMS
+        raise ConfigError(f"model.batch_norm must be 'global' or 'local', got {m.batch_norm!r}")
     if config.schedule.name not in SCHEDULES:
         raise ConfigError(f"schedule.name must be one of {SCHEDULES}, got {config.schedule.name!r}")
     if config.optimizer.name not in OPTIMIZERS:
