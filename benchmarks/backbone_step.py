@@ -1,4 +1,4 @@
-"""IResNet training step on CPU: x2jax (conv impl "xla" / "im2col") vs PyTorch.
+"""Backbone training step on CPU (IResNet, ViT): x2jax (conv impl "xla" / "im2col" / "onednn") vs PyTorch.
 
 Configs: ``jax-xla``, ``jax-im2col`` and ``jax-onednn`` (``conv_impl``; im2col =
 matmul weight gradients where ``im2col_conv.weight_grad_method`` picks them; onednn
@@ -10,7 +10,11 @@ every conv) and ``jax-im2col_1x1`` (matmul weight gradient on 1x1 convs only).
 One step = forward in train mode (batch statistics), loss ``mean(embedding**2)``,
 backward, SGD momentum 0.9 + weight decay 5e-4 (optax / torch.optim.SGD), BN
 running statistics updated. Same architecture on both sides (PyTorch:
-``tests/reference/torch_iresnet.py``, insightface's module structure).
+``tests/reference/torch_iresnet.py`` / ``tests/reference/torch_vit.py``, insightface's module
+structure). ViTs (``--arch vit_t`` ...) train as arcface_torch's do: token masking and drop
+path on, fresh draws every step on both sides (x2jax: from the step's "dropout" key), the
+attention softmax in float32; their only convolution is the patch embedding, so one JAX
+config (``jax-xla``) and one torch config (``torch-nchw``) say it all.
 
 Every configuration runs in a fresh subprocess so that ``ru_maxrss`` (peak RSS)
 is its own; with ``--interleave`` all run in one process, timed round-robin
@@ -23,6 +27,8 @@ the same run (the faster of NCHW / channels_last).
     python benchmarks/backbone_step.py --arch r18 --batch 32
     python benchmarks/backbone_step.py --arch r50 --batch 32 --steps 3 --interleave \
         --configs jax-xla,jax-im2col,torch-channels_last   # ~3-6 min on 2 cores
+    python benchmarks/backbone_step.py --arch vit_t --batch 32 --steps 3 --interleave \
+        --configs jax-xla,torch-nchw
 
 IResNet-50 at batch 32 costs 7-21 s per step on a 2-core CPU: keep
 ``--steps`` small there.
@@ -50,6 +56,7 @@ TORCH_ARCHS = {  # layers, widths (insightface IResNet; r18_tiny = x2jax's small
     "r100": ((3, 13, 30, 3), (64, 128, 256, 512)),
     "r18_tiny": ((2, 2, 2, 2), (16, 32, 64, 128)),
 }
+VIT_ARCHS = ("vit_t", "vit_s", "vit_b", "vit_l")  # tests/reference/torch_vit.py VARIANTS
 
 
 # ----------------------------------------------------------------------------- workers
@@ -81,23 +88,26 @@ def _build_jax(args, impl: str) -> tuple:
     images = jnp.asarray(np.random.default_rng(0).standard_normal(
         (args.batch, args.image_size, args.image_size, 3), np.float32))
 
-    def step(params, batch_stats, opt_state, images):
+    def step(params, batch_stats, opt_state, key, images):
+        key, dropout_key = jax.random.split(key)  # ViT: mask and drop path draws (IResNet: unused)
+
         def loss_fn(p):
             emb, updates = module.apply({"params": p, "batch_stats": batch_stats}, images,
-                                        train=True, mutable=["batch_stats"])
+                                        train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
             return jnp.mean(jnp.square(emb)), updates["batch_stats"]
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+        return optax.apply_updates(params, updates), new_stats, opt_state, key, loss
 
+    key = jax.random.key(1)
     compiled, compile_s, flops = _common.compile_with_flops(jax.jit(step, donate_argnums=(0, 1, 2)),
-                                                           params, batch_stats, opt_state, images)
-    state = [params, batch_stats, opt_state]
+                                                           params, batch_stats, opt_state, key, images)
+    state = [params, batch_stats, opt_state, key]
 
     def run():
-        p, s, o, loss = compiled(*state, images)
+        p, s, o, k, loss = compiled(*state, images)
         jax.block_until_ready(loss)
-        state[:] = [p, s, o]
+        state[:] = [p, s, o, k]
 
     return run, {"compile_s": compile_s, "xla_flops": flops, "jax": jax.__version__}
 
@@ -106,13 +116,16 @@ def _build_torch(args, channels_last: bool) -> tuple:
     sys.path.insert(0, os.path.join(_common.REPO, "tests"))
     import torch
 
-    from reference import torch_iresnet
+    from reference import torch_iresnet, torch_vit
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    layers, widths = TORCH_ARCHS[args.arch]
-    model = torch_iresnet.IResNet(layers, widths, num_features=args.embedding,
-                                  image_size=args.image_size).train()
+    if args.arch in VIT_ARCHS:
+        model = torch_vit.vit(args.arch, num_features=args.embedding, image_size=args.image_size).train()
+    else:
+        layers, widths = TORCH_ARCHS[args.arch]
+        model = torch_iresnet.IResNet(layers, widths, num_features=args.embedding,
+                                      image_size=args.image_size).train()
     images = torch.randn(args.batch, 3, args.image_size, args.image_size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -153,7 +166,7 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="r18", choices=sorted(TORCH_ARCHS))
+    parser.add_argument("--arch", default="r18", choices=sorted(TORCH_ARCHS) + list(VIT_ARCHS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--embedding", type=int, default=512)

@@ -3,9 +3,9 @@
 Floors, lowest first: ``runtime`` and ``losses`` (pure functions) -> ``data`` and
 ``models`` -> ``parallel`` (mesh, sharding, the class-sharded head) ->
 ``evaluation`` -> ``train`` -> ``tpu`` (compiling the train step for a TPU
-topology). A module may import its own package and lower floors,
-never a higher one (function-level imports included); module-level imports have
-no cycle. Read statically from the source, then checked in fresh interpreters.
+topology) and ``compare`` (loss comparisons over train's pieces) -> ``plan`` (the fit table of such a compile). A module may import its
+own package and lower floors, never a higher one (function-level imports
+included); module-level imports have no cycle. Read statically from the source, then checked in fresh interpreters.
 """
 
 import ast
@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "x2jax"
-FLOORS = {"_extras": 0, "runtime": 0, "losses": 0, "data": 1, "models": 1, "parallel": 2, "evaluation": 3, "train": 4, "tpu": 5}
+FLOORS = {"_extras": 0, "runtime": 0, "losses": 0, "data": 1, "models": 1, "parallel": 2, "evaluation": 3, "train": 4, "tpu": 5, "compare": 5, "plan": 6}
 
 
 def _module_name(path: Path) -> str:

@@ -81,6 +81,7 @@ SPECS = {
     "r18": ModelSpec("r18", embedding_size=512, image_size=112, conv_impl="xla"),
     "mobilefacenet": ModelSpec("mobilefacenet", embedding_size=128, image_size=112, conv_impl="xla"),
     "r18_tiny": ModelSpec("r18_tiny", embedding_size=32, image_size=32, conv_impl="xla"),
+    "vit_tiny": ModelSpec("vit_tiny", embedding_size=32, image_size=32, conv_impl="xla"),  # attention, LayerNorm
 }
 
 
@@ -102,7 +103,7 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["r18", "mobilefacenet", "r18_tiny"])
+@pytest.mark.parametrize("name", ["r18", "mobilefacenet", "r18_tiny", "vit_tiny"])
 def test_onnxruntime_matches_apply_eval_mode(exported, name):
     module, variables, path = exported(name)
     size = SPECS[name].image_size

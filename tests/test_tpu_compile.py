@@ -86,7 +86,7 @@ def test_bfloat16_convolutions(libtpu):
 
 
 def test_unknown_topology(libtpu):
-    with pytest.raises(ValueError, match=r"unknown TPU topology 'v5e:3x3'.*v5e:2x2"):
+    with pytest.raises(ValueError, match=r"unknown TPU topology 'v5e:3x3'.*known to work: v5e: 1x1, 2x2"):
         tpu.topology_mesh("v5e:3x3")
     with pytest.raises(ValueError, match="unknown TPU topology 'bogus'"):
         tpu.topology_mesh("bogus")
@@ -107,12 +107,39 @@ def test_hlo_parsing():
   %ars = (f32[16]{0}, f32[16]{0}) all-reduce-start(f32[16]{0} %a, f32[16]{0} %b), to_apply=%add
   %ard = (f32[16]{0}, f32[16]{0}) all-reduce-done(%ars)
   %convolution.1 = bf16[8,16,16,8]{3,0,2,1} convolution(%p.1, %p.1), metadata={op_name="x/conv_general_dilated"}
+  %ags = (f32[8,32]{1,0}, f32[32,32]{1,0}) all-gather-start(%p.1), channel_id=2, dimensions={0}
+  %agd = f32[32,32]{1,0} all-gather-done(%ags)
+  %cp = bf16[4,2]{1,0} collective-permute(bf16[4,2]{1,0} %x), source_target_pairs={{0,1},{1,0}}
 """
     got = tpu.hlo_collectives(hlo)
     assert [(x.kind, x.operands, x.result) for x in got] == [
         ("all-gather", ("f32[8,32]",), ("f32[32,32]",)),
         ("all-reduce", ("f32[16]", "f32[16]"), ("f32[16]", "f32[16]")),
+        ("all-gather", ("f32[8,32]",), ("f32[32,32]",)),  # async: the -done's result, not the -start's tuple
+        ("collective-permute", ("bf16[4,2]",), ("bf16[4,2]",)),
     ]
+    summary = tpu.CompiledPlan({}, got)
+    assert summary.counts() == {"all-reduce": 1, "all-gather": 2, "reduce-scatter": 0, "all-to-all": 0,
+                                "collective-permute": 1}
+    assert summary.collective_bytes() == {"all-reduce": 2 * 16 * 4, "all-gather": 2 * 32 * 32 * 4,
+                                          "reduce-scatter": 0, "all-to-all": 0, "collective-permute": 4 * 2 * 2}
     conv = [i for i in tpu.hlo_instructions(hlo) if i.opcode == "convolution"]
     assert conv[0].op_name == "x/conv_general_dilated" and conv[0].result == ("bf16[8,16,16,8]",)
     assert tpu.type_bytes("bf16[8,16,16,8]") == 2 * 8 * 16 * 16 * 8
+
+
+def test_hbm_exhausted_message():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(30.85G) exceeds available HBM (15.75G).")
+    e = tpu.parse_hbm_exhausted(msg)
+    assert isinstance(e, tpu.HbmExhaustedError)
+    assert (e.required_bytes, e.available_bytes) == (int(30.85 * 2**30), int(15.75 * 2**30))
+    assert tpu.parse_hbm_exhausted("INVALID_ARGUMENT: something else") is None
+
+
+def test_chip_specs():
+    """Cloud TPU docs: v5e 16 GiB, 197 TFLOP/s, 819 GB/s; v5p 95 GiB, 459, 2765; v6e 32 GiB, 918, 1640."""
+    got = {s.name: (s.hbm_bytes / 2**30, s.peak_flops / 1e12, s.hbm_bandwidth / 1e9) for s in tpu.CHIP_SPECS.values()}
+    assert got == {"v5e": (16, 197, 819), "v5p": (95, 459, 2765), "v6e": (32, 918, 1640)}
+    with pytest.raises(ValueError, match="no chip figures for TPU device kind 'TPU v4'"):
+        tpu.chip_spec("TPU v4")

@@ -80,7 +80,8 @@ def make_head_step(
     rep = replicated(mesh)
     bsh = batch_sharding(mesh, rules)
     rows = NamedSharding(mesh, P(rules.classes))
-    aux_shardings = HeadAux(row_mask=rows, sampled=rows, num_overflow=rep, target_cosine=rep)
+    aux_shardings = HeadAux(row_mask=rows, sampled=rows, num_overflow=rep, target_cosine=rep, target_prob=rep,
+                            nearest_cosine=rep)
     jitted = jax.jit(
         step,
         in_shardings=(w_sharding, state_shardings, bsh, bsh, rep),

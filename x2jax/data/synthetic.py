@@ -13,6 +13,22 @@ Identity ``i`` depends only on ``(seed, i)``, so train identities
 ``0 .. num_identities-1`` and the held-out verification identities
 (``num_identities ..``) come from the same distribution and never overlap.
 
+Two optional knobs make the set harder in the way real face data is (both off
+by default, which leaves every image as it was):
+
+- **families** (``family_size`` > 1): identities ``f*F .. f*F + F-1`` form
+  family ``f`` of look-alikes. Each family has a centre latent drawn like an
+  identity's, and a member's latent is ``centre + (1 - family_similarity) *
+  (own - centre)``, ``own`` being the latent it has without families
+  (0 = independent identities, near 1 = near-duplicates). Verification
+  negatives are then half *hard* (two identities of one family) and half
+  *easy* (two families), see :func:`verification_pairs`.
+- **long tail** (``zipf_exponent`` > 0): training identity of rank ``r``
+  (1-based, ranks a seeded permutation of the identities) has
+  ``max(1, floor(images_per_identity * r**-zipf_exponent + 0.5))`` images
+  (:func:`train_image_counts`); verification identities keep
+  ``verification_images_per_identity``.
+
 Pure numpy: :func:`generate_train` and :func:`generate_verification` are
 what the TFDS builder ``synthetic_faces`` stores.
 """
@@ -25,6 +41,10 @@ import os
 from typing import Iterator
 
 import numpy as np
+
+
+MAX_ZIPF_EXPONENT = 4.0
+"""Largest ``zipf_exponent`` (at 4 the second identity already has 1/16 of the first's images)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +71,12 @@ class SyntheticConfig:
     occlusion_prob: float = 0.35
     # How images are encoded when stored (TFDS / RecordIO): 'png' is lossless.
     image_format: str = "png"
+    # Families of look-alike identities: F consecutive identities share a centre latent,
+    # member = centre + (1 - family_similarity) * (own - centre). 1 = no families.
+    family_size: int = 1
+    family_similarity: float = 0.0
+    # Long tail: images of the training identity of rank r = max(1, round(images_per_identity * r**-a)).
+    zipf_exponent: float = 0.0
 
     def __post_init__(self):
         if self.num_identities < 1 or self.images_per_identity < 1:
@@ -63,6 +89,31 @@ class SyntheticConfig:
             raise ValueError("verification needs >= 2 identities with >= 2 images each")
         if self.image_format not in ("png", "jpeg"):
             raise ValueError(f"image_format must be 'png' or 'jpeg', got {self.image_format!r}")
+        f = self.family_size
+        if f < 1:
+            raise ValueError(f"family_size must be >= 1 (1 = independent identities), got {f}")
+        if not 0.0 <= self.family_similarity < 1.0:
+            raise ValueError(f"family_similarity must be in [0, 1), got {self.family_similarity}")
+        if self.family_similarity > 0 and f == 1:
+            raise ValueError(f"family_similarity={self.family_similarity} needs family_size > 1 (families of "
+                             "look-alikes), got family_size=1")
+        if f > 1:
+            if self.num_identities % f or self.num_verification_identities % f:
+                raise ValueError(
+                    f"family_size={f} must divide num_identities ({self.num_identities}) and "
+                    f"num_verification_identities ({self.num_verification_identities}): no family spans both splits")
+            if self.num_verification_identities < 2 * f:
+                raise ValueError(f"family_size={f}: easy negatives need >= 2 verification families, got "
+                                 f"{self.num_verification_identities // f}")
+            if self.num_verification_pairs % 4:
+                raise ValueError("with families (family_size > 1) num_verification_pairs must be a multiple of 4 "
+                                 f"(same, hard, same, easy), got {self.num_verification_pairs}")
+        if not 0.0 <= self.zipf_exponent <= MAX_ZIPF_EXPONENT:
+            raise ValueError(f"zipf_exponent must be in [0, {MAX_ZIPF_EXPONENT}], got {self.zipf_exponent}")
+
+    def family_of(self, identity):
+        """Family index of identity (or identity array) ``identity``: ``identity // family_size``."""
+        return np.asarray(identity) // self.family_size
 
 
 CONFIGS = {
@@ -175,21 +226,51 @@ def _nuisance(rng: np.random.Generator, n: int, cfg: SyntheticConfig) -> dict[st
     return out
 
 
+def family_centre_latent(cfg: SyntheticConfig, family: int) -> dict[str, np.ndarray]:
+    """The centre latent of family ``family``: drawn like an identity's, from its own stream."""
+    return _identity_latent(np.random.default_rng([cfg.seed, 7927, int(family)]))
+
+
+def identity_latent(cfg: SyntheticConfig, identity: int) -> dict[str, np.ndarray]:
+    """The latent identity ``identity`` is rendered from (its family's pull included)."""
+    return _identity_params(cfg, identity, 0)[0]
+
+
 def _identity_params(cfg: SyntheticConfig, identity: int, count: int):
     rng = np.random.default_rng([cfg.seed, 7919, int(identity)])
     lat = _identity_latent(rng)
+    if cfg.family_size > 1 and cfg.family_similarity > 0:
+        # member = centre + (1 - s) * (own - centre); the nuisance stream below is unchanged.
+        centre = family_centre_latent(cfg, int(identity) // cfg.family_size)
+        keep = 1.0 - cfg.family_similarity
+        lat = {k: centre[k] + keep * (np.asarray(v) - centre[k]) for k, v in lat.items()}
     return lat, _nuisance(rng, count, cfg)
 
 
-def _stack_params(cfg: SyntheticConfig, identities: np.ndarray, counts: int):
-    """Per-image parameter arrays for ``counts`` images of each identity."""
+def train_image_counts(cfg: SyntheticConfig) -> np.ndarray:
+    """Images of each training identity, int64 (num_identities,).
+
+    ``images_per_identity`` each when ``zipf_exponent`` is 0; otherwise identity
+    ``i`` has rank ``r = P[i] + 1`` with ``P = default_rng([seed, 7933]).permutation(N)``
+    and ``max(1, floor(images_per_identity * r**-zipf_exponent + 0.5))`` images.
+    """
+    n, k = cfg.num_identities, cfg.images_per_identity
+    if cfg.zipf_exponent == 0:
+        return np.full((n,), k, np.int64)
+    rank = np.random.default_rng([cfg.seed, 7933]).permutation(n) + 1
+    return np.maximum(1, np.floor(k * rank.astype(np.float64) ** -cfg.zipf_exponent + 0.5)).astype(np.int64)
+
+
+def _stack_params(cfg: SyntheticConfig, identities: np.ndarray, counts):
+    """Per-image parameter arrays for ``counts`` images of each identity (an int, or one per identity)."""
+    counts = np.broadcast_to(np.asarray(counts, np.int64), (len(identities),))
     lats, nuis = [], []
     s = cfg.image_size
-    for i in identities:
-        lat, nui = _identity_params(cfg, int(i), counts)
+    for i, count in zip(identities, counts):
+        lat, nui = _identity_params(cfg, int(i), int(count))
         # Pixel noise: one stream per identity, so chunking never changes the result.
         nrng = np.random.default_rng([cfg.seed, 7919, int(i), 1])
-        nui["unit_noise"] = nrng.standard_normal((counts, s, s, 3), dtype=np.float32)
+        nui["unit_noise"] = nrng.standard_normal((int(count), s, s, 3), dtype=np.float32)
         lats.append(lat)
         nuis.append(nui)
     params = {}
@@ -286,24 +367,41 @@ def _render(p: dict[str, np.ndarray], size: int) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def _chunks(counts: np.ndarray, chunk: int) -> list[slice]:
+    """Consecutive identity ranges of at most ``chunk`` images (at least one identity each)."""
+    out, start, total = [], 0, 0
+    for i, c in enumerate(counts.tolist()):
+        if i > start and total + c > chunk:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += c
+    if start < len(counts):
+        out.append(slice(start, len(counts)))
+    return out
+
+
 def render_identities(
-    cfg: SyntheticConfig, identities, images_per_identity: int, chunk: int = 256,
+    cfg: SyntheticConfig, identities, images_per_identity, chunk: int = 256,
     workers: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields (images uint8 (b, S, S, 3), identity int64 (b,)) chunks, identity-major.
 
-    Chunks render in ``workers`` threads (default: one per core; numpy releases the
-    GIL in its array loops), yielded in order. Every identity has its own random
-    streams, so the images do not depend on ``chunk`` or ``workers``.
+    ``images_per_identity``: one count for all, or one per identity (e.g.
+    :func:`train_image_counts`). Chunks render in ``workers`` threads (default:
+    one per core; numpy releases the GIL in its array loops), yielded in order.
+    Every identity has its own random streams, so the images do not depend on
+    ``chunk`` or ``workers``.
     """
     identities = np.asarray(identities, np.int64)
-    ids_per_chunk = max(1, chunk // images_per_identity)
-    chunks = [identities[start : start + ids_per_chunk]
-              for start in range(0, len(identities), ids_per_chunk)]
+    counts = np.array(np.broadcast_to(np.asarray(images_per_identity, np.int64), identities.shape))
+    if counts.size and counts.min() < 1:
+        raise ValueError(f"every identity needs >= 1 image, got a count of {counts.min()}")
+    chunks = [(identities[sl], counts[sl]) for sl in _chunks(counts, chunk)]
 
-    def render(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        params = _stack_params(cfg, ids, images_per_identity)
-        return _render(params, cfg.image_size), np.repeat(ids, images_per_identity)
+    def render(part: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        ids, n = part
+        params = _stack_params(cfg, ids, n)
+        return _render(params, cfg.image_size), np.repeat(ids, n)
 
     workers = min(len(chunks), workers or os.cpu_count() or 1)
     if workers <= 1:
@@ -317,16 +415,28 @@ def generate_train(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
     """Train split: (images uint8 (N*K, S, S, 3), labels int32 (N*K,)), identity-major.
 
     N = ``cfg.num_identities``, K = ``cfg.images_per_identity``; label = identity.
+    With ``zipf_exponent`` > 0, identity i has ``train_image_counts(cfg)[i]``
+    images instead of K.
     """
-    n = cfg.num_identities * cfg.images_per_identity
+    counts = train_image_counts(cfg)
+    n = int(counts.sum())
     images = np.empty((n, cfg.image_size, cfg.image_size, 3), np.uint8)
     labels = np.empty((n,), np.int32)
     pos = 0
-    for imgs, ids in render_identities(cfg, range(cfg.num_identities), cfg.images_per_identity):
+    for imgs, ids in render_identities(cfg, range(cfg.num_identities), counts):
         images[pos : pos + len(ids)] = imgs
         labels[pos : pos + len(ids)] = ids
         pos += len(ids)
     return images, labels
+
+
+PAIR_SAME, PAIR_HARD, PAIR_EASY = 0, 1, 2
+"""Pair kinds (:func:`verification_pair_kinds`): same identity; two identities of one
+family (hard negative); two identities of different families (easy negative)."""
+
+NEGATIVE_SUBSETS = {"hard": (0, 1), "easy": (2, 3)}
+"""With families, pairs ``4j + r`` for r in these residues form the hard / easy subset:
+a positive and a hard negative, or a positive and an easy negative (balanced)."""
 
 
 def verification_pairs(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -335,6 +445,10 @@ def verification_pairs(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
     The table holds ``verification_images_per_identity`` images for each held-out
     identity (identity-major). Returns (pairs int64 (P, 2), issame bool (P,)):
     even pair numbers same-identity, odd different, P = num_verification_pairs.
+
+    With families (``family_size`` > 1) the negatives alternate: pair ``4j + 1``
+    is two identities of one family (hard), pair ``4j + 3`` two identities of
+    different families (easy).
     """
     m, k = cfg.num_verification_identities, cfg.verification_images_per_identity
     rng = np.random.default_rng([cfg.seed, 104729])
@@ -343,6 +457,8 @@ def verification_pairs(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
     issame = np.zeros((p,), bool)
     issame[0::2] = True
     seen = set()
+    if cfg.family_size > 1:
+        return _family_pairs(cfg, rng, pairs, issame, seen)
     for i in range(p):
         while True:
             if issame[i]:
@@ -358,6 +474,58 @@ def verification_pairs(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
                 break
         pairs[i] = pair
     return pairs, issame
+
+
+def _family_pairs(cfg, rng, pairs, issame, seen):
+    """:func:`verification_pairs` with families: same, hard, same, easy, ... (identities local to the split)."""
+    m, k, f = cfg.num_verification_identities, cfg.verification_images_per_identity, cfg.family_size
+    families = m // f
+    for i in range(len(pairs)):
+        for tries in range(1000):  # duplicates are redrawn while fresh pairs are easy to find
+            if issame[i]:
+                ident = rng.integers(m)
+                a, b = rng.choice(k, 2, replace=False)
+                pair = (ident * k + a, ident * k + b)
+            elif i % 4 == 1:  # hard: two members of one family
+                fam = rng.integers(families)
+                ia, ib = fam * f + rng.choice(f, 2, replace=False)
+                pair = (ia * k + rng.integers(k), ib * k + rng.integers(k))
+            else:  # easy: members of two families
+                fa, fb = rng.choice(families, 2, replace=False)
+                ia, ib = fa * f + rng.integers(f), fb * f + rng.integers(f)
+                pair = (ia * k + rng.integers(k), ib * k + rng.integers(k))
+            key = tuple(sorted(pair))
+            if key not in seen or tries == 999:
+                seen.add(key)
+                break
+        pairs[i] = pair
+    return pairs, issame
+
+
+def verification_pair_kinds(cfg: SyntheticConfig) -> np.ndarray:
+    """Kind of each verification pair, int8 (P,): :data:`PAIR_SAME`, :data:`PAIR_HARD` or :data:`PAIR_EASY`.
+
+    Computed from the pairs' identities: a negative is hard when both identities
+    are of one family (never, without families).
+    """
+    pairs, issame = verification_pairs(cfg)
+    ident = pairs // cfg.verification_images_per_identity + cfg.num_identities
+    same_family = cfg.family_of(ident[:, 0]) == cfg.family_of(ident[:, 1])
+    return np.where(issame, PAIR_SAME, np.where(same_family, PAIR_HARD, PAIR_EASY)).astype(np.int8)
+
+
+def negative_subset(cfg: SyntheticConfig, subset: str) -> np.ndarray:
+    """Pair indices of the ``"hard"`` or ``"easy"`` subset (:data:`NEGATIVE_SUBSETS`), int64.
+
+    Raises:
+      ValueError: an unknown subset, or ``cfg`` has no families (``family_size`` 1).
+    """
+    if subset not in NEGATIVE_SUBSETS:
+        raise ValueError(f"unknown negative subset {subset!r}; known: {sorted(NEGATIVE_SUBSETS)}")
+    if cfg.family_size < 2:
+        raise ValueError(f"the {subset} negative subset needs families (family_size > 1), got family_size=1")
+    index = np.arange(cfg.num_verification_pairs)
+    return index[np.isin(index % 4, NEGATIVE_SUBSETS[subset])]
 
 
 def generate_verification(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:

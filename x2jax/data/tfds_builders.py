@@ -116,7 +116,7 @@ class SyntheticFaces(_Builder):
     def _generate_examples(self):
         cfg = self.builder_config.synthetic
         index = 0
-        for imgs, ids in synthetic.render_identities(cfg, range(cfg.num_identities), cfg.images_per_identity):
+        for imgs, ids in synthetic.render_identities(cfg, range(cfg.num_identities), synthetic.train_image_counts(cfg)):
             for img, ident in zip(imgs, ids):
                 yield index, {"image": _encode(img, cfg.image_format), "label": int(ident), "index": index}
                 index += 1

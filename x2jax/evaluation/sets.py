@@ -4,6 +4,10 @@ Names:
 
 * ``synthetic``: the held-out identities of a synthetic training config
   (:class:`SyntheticSetRef`), rendered at the model's image size;
+* ``synthetic_hard`` / ``synthetic_easy`` (synthetic data with families,
+  ``family_size`` > 1): the half of ``synthetic``'s pairs whose negatives are
+  two identities of one family (hard) or of two families (easy), each with as
+  many positives (:func:`x2jax.data.synthetic.negative_subset`);
 * any other name: ``<data_dir>/<name>.bin`` (insightface ``.bin``), else a
   prepared TFDS ``face_verification/<name>`` in ``data_dir``.
 
@@ -29,8 +33,17 @@ from x2jax.data import verification_bin
 SYNTHETIC = "synthetic"
 """Name of the held-out synthetic verification set."""
 
+SYNTHETIC_SUBSETS = {"synthetic_hard": "hard", "synthetic_easy": "easy"}
+"""Set name -> negative subset of the ``synthetic`` set (synthetic data with families)."""
+SYNTHETIC_NAMES = (SYNTHETIC, *SYNTHETIC_SUBSETS)
+"""Every generated set name."""
+
 SIZE_FIELDS = ("num_identities", "images_per_identity", "image_size")
 """Training data-config fields that change a synthetic variant's size (0 = the variant's)."""
+
+SHAPE_FIELDS = {"family_size": 1, "family_similarity": 0.0, "zipf_exponent": 0.0}
+"""Training data-config fields passed to the synthetic config when they differ from these
+defaults (the variants' values): families of look-alikes and the long tail."""
 
 VerificationSet = tuple[np.ndarray, np.ndarray]
 """(images uint8 (2N, S, S, 3), issame bool (N,)); pair i is images 2i and 2i+1."""
@@ -64,17 +77,20 @@ class SyntheticSetRef:
 
         Args:
           data_config: mapping or ``ConfigDict`` with ``name``, ``variant`` and
-            the :data:`SIZE_FIELDS` (0 = the variant's value).
+            the :data:`SIZE_FIELDS` (0 = the variant's value); the :data:`SHAPE_FIELDS`
+            count where present and not at their default.
 
         Raises:
           ValueError: ``data_config["name"]`` is not ``synthetic``.
         """
         if data_config["name"] != SYNTHETIC:
             raise ValueError(f"eval set 'synthetic' needs data.name='synthetic', got {data_config['name']!r}")
-        return cls(
-            str(data_config["variant"]),
-            {k: int(data_config[k]) for k in SIZE_FIELDS if int(data_config.get(k) or 0) > 0},
-        )
+        fields = {k: int(data_config[k]) for k in SIZE_FIELDS if int(data_config.get(k) or 0) > 0}
+        for k, default in SHAPE_FIELDS.items():
+            value = data_config.get(k, default)
+            if value is not None and value != default:
+                fields[k] = type(default)(value)
+        return cls(str(data_config["variant"]), fields)
 
     @classmethod
     def from_info(cls, synthetic_info: Mapping[str, Any] | None) -> SyntheticSetRef:
@@ -132,7 +148,7 @@ def resolve_verification_sets(names: Sequence[str], *, data_dir: str | os.PathLi
     root = os.path.expanduser(os.fspath(data_dir)) if data_dir else "."
     found = []
     for name in names:
-        if name == SYNTHETIC:
+        if name in SYNTHETIC_NAMES:
             found.append(SetSource(name, "synthetic"))
             continue
         bin_path = os.path.join(root, f"{name}.bin")
@@ -191,7 +207,15 @@ def open_verification_set(
     size = (int(image_size), int(image_size))
     if source.kind == "synthetic":
         ref = synthetic or SyntheticSetRef()
-        images, issame = synthetic_data.generate_verification(ref.config(image_size))
+        cfg = ref.config(image_size)
+        if source.name in SYNTHETIC_SUBSETS and cfg.family_size < 2:
+            raise ValueError(f"set {source.name!r} needs synthetic families (data.family_size > 1); the synthetic "
+                             f"config has family_size={cfg.family_size}")
+        images, issame = synthetic_data.generate_verification(cfg)
+        if source.name in SYNTHETIC_SUBSETS:
+            keep = synthetic_data.negative_subset(cfg, SYNTHETIC_SUBSETS[source.name])
+            images = images.reshape(issame.shape[0], 2, *images.shape[1:])[keep].reshape(-1, *images.shape[1:])
+            issame = issame[keep]
         where = f"synthetic variant {ref.variant!r}"
     elif source.kind == "bin":
         images, issame = verification_bin.load_bin(source.path, size if resize else None)

@@ -1,4 +1,4 @@
-"""Face-recognition backbones in Flax Linen (NHWC): IResNet r18..r200, MobileFaceNet.
+"""Face-recognition backbones in Flax Linen (NHWC): IResNet r18..r200, MobileFaceNet, ViT (arcface_torch).
 
     module, variables = create("r50", embedding_size=512, dtype=jnp.bfloat16)
     embeddings = module.apply(variables, images, train=False)   # (B, 512) float32
@@ -18,6 +18,8 @@ from x2jax.models.mobilefacenet import MobileFaceNet
 from x2jax.models.registry import (NAMES, abstract_variables, count_params, create, get_model,
                                    init_variables, num_params)
 from x2jax.models.spec import ModelSpec
+from x2jax.models.vit import VisionTransformer
 
 __all__ = ["NAMES", "IResNet", "MobileFaceNet", "ModelSpec", "abstract_variables", "conv2d", "count_params",
-           "create", "get_model", "init_variables", "load_backbone", "load_model", "num_params", "save_model"]
+           "create", "get_model", "init_variables", "load_backbone", "load_model", "num_params", "save_model",
+           "VisionTransformer"]

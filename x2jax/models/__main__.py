@@ -6,12 +6,16 @@ import argparse
 import sys
 
 from x2jax.models.registry import NAMES, get_model, count_params
+from x2jax.models.vit import vit_grid
 
 
 def table(embedding_size: int = 512) -> str:
     rows = ["| name | blocks per stage | stage widths | image | embedding | parameters |",
             "| --- | --- | --- | --- | --- | ---: |"]
+    vits = [n for n in NAMES if n.startswith("vit_")]
     for name in NAMES:
+        if name in vits:
+            continue
         size = 32 if name.endswith("_tiny") else 112
         module = get_model(name, embedding_size=embedding_size, image_size=size)
         blocks = getattr(module, "layers", None) or getattr(module, "blocks")
@@ -21,6 +25,15 @@ def table(embedding_size: int = 512) -> str:
         widths = "/".join(map(str, widths))
         rows.append(f"| {name} | {tuple(blocks)} | {widths} | {size} | {embedding_size} | "
                     f"{count_params(module):,} |")
+    rows += ["", "| name | width | depth | heads | patch, crop | tokens | drop path | mask ratio | image | "
+             "embedding | parameters |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: |"]
+    for name in vits:
+        size = 32 if name.endswith("_tiny") else 112
+        m = get_model(name, embedding_size=embedding_size, image_size=size)
+        grid = vit_grid(size, m.patch_size, m.crop)
+        rows.append(f"| {name} | {m.embed_dim} | {m.depth} | {m.num_heads} | {m.patch_size}, {m.crop} | "
+                    f"{grid}x{grid} | {m.drop_path_rate:g} | {m.mask_ratio:g} | {size} | {embedding_size} | "
+                    f"{count_params(m):,} |")
     return "\n".join(rows)
 
 

@@ -13,6 +13,10 @@ leaf has exactly one torch tensor:
            (``num_batches_tracked`` is ignored)
     PReLU  negative_slope (C,)          <- weight (C,)
 
+    ViT    pos_embed (1, N, D), mask_token (1, 1, D)    <- the same tensors
+           ``feature.0`` (N*D -> D): torch flattens the (B, N, D) tokens as Flax does, so a
+           plain transpose; LayerNorm scale, bias <- weight, bias
+
 IResNet's final BatchNorm1d weight is frozen at 1 in insightface and has no Flax
 parameter: the converter checks that it is all ones. torch is imported only to read
 the ``.pth`` file; :func:`convert_state_dict` also accepts numpy arrays.
@@ -32,7 +36,9 @@ import numpy as np
 
 from x2jax.models.io import save_model
 from x2jax.models.iresnet import IResNet
-from x2jax.models.registry import NAMES, Variables, abstract_variables, count_params, get_model
+from x2jax.models.registry import (NAMES, VIT_VARIANTS, Variables, abstract_variables, count_params,
+                                   get_model)
+from x2jax.models.vit import VisionTransformer
 
 _LEAF_TO_TORCH = {
     ("params", "kernel"): "weight",
@@ -41,6 +47,8 @@ _LEAF_TO_TORCH = {
     ("params", "negative_slope"): "weight",
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
+    ("params", "pos_embed"): "pos_embed",  # ViT: parameters of the top module, same names
+    ("params", "mask_token"): "mask_token",
 }
 _IGNORED_SUFFIX = ".num_batches_tracked"
 _FIXED_ONES_KEY = "features.weight"  # IResNet's frozen BatchNorm1d scale
@@ -88,20 +96,64 @@ def _describe_iresnet(keys: Sequence[str]) -> str:
         f", i.e. --arch {names[0]})" if names else ")")
 
 
+def _describe_vit(state_dict: Mapping[str, Any]) -> str:
+    """The ViT variant a state_dict holds (width, depth, tokens, patch) and the matching names."""
+    def shape(key):
+        return tuple(np.shape(state_dict[key])) if key in state_dict else None
+    proj, pos = shape("patch_embed.proj.weight"), shape("pos_embed")
+    depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if proj is None or len(proj) != 4:
+        return ""
+    dim = proj[0]
+    tokens = f", {pos[1]} tokens" if pos and len(pos) == 3 else ""
+    names = [n for n, (width, blocks, *_) in VIT_VARIANTS.items() if (width, blocks) == (dim, depth)]
+    return (f" (the state_dict is a ViT of width {dim}, depth {depth}{tokens}, patch {proj[2]}"
+            + (f", i.e. --arch {' or '.join(names)})" if names else ")"))
+
+
+def _describe(state_dict: Mapping[str, Any], module: Any) -> str:
+    if isinstance(module, IResNet):
+        return _describe_iresnet(list(state_dict))
+    if isinstance(module, VisionTransformer):
+        return _describe_vit(state_dict)
+    return ""
+
+
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch tensor shape of a Flax leaf: conv HWIO -> OIHW, dense (in, out) -> (out, in)."""
+    if len(flax_shape) == 4:
+        return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+    if len(flax_shape) == 2:
+        return (flax_shape[1], flax_shape[0])
+    return tuple(flax_shape)
+
+
+def torch_shapes(module: Any) -> dict[str, tuple[int, ...]]:
+    """The ``state_dict`` the converter expects for ``module``: torch key -> shape.
+
+    From shapes only (``jax.eval_shape``); ``num_batches_tracked`` entries are not listed
+    (they are ignored), IResNet's frozen ``features.weight`` is.
+    """
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_variables(module))[0]:
+        collection, *names = [str(getattr(k, "key", k)) for k in path]
+        shapes[torch_key(collection, names)] = _torch_shape(tuple(leaf.shape))
+    if isinstance(module, IResNet):
+        shapes[_FIXED_ONES_KEY] = (module.embedding_size,)
+    return shapes
+
+
 def _torch_to_flax(key: str, tensor: np.ndarray, expected_shape: tuple[int, ...],
                    fc_map: tuple[int, int, int] | None) -> np.ndarray:
     """One torch tensor -> the Flax leaf of ``expected_shape`` (shape errors name the key)."""
-    if len(expected_shape) == 4:  # conv: OIHW -> HWIO
-        torch_shape = (expected_shape[3], expected_shape[2], expected_shape[0], expected_shape[1])
-    elif len(expected_shape) == 2:  # dense: (out, in)
-        torch_shape = (expected_shape[1], expected_shape[0])
-    else:
-        torch_shape = expected_shape
+    torch_shape = _torch_shape(expected_shape)
     if tuple(tensor.shape) != torch_shape:
         hint = ""
         if fc_map is not None and len(expected_shape) == 2:
             hint = (f"; the fc input is channels * (image_size/16)^2 = {fc_map[0]} * "
                     f"{fc_map[1]} * {fc_map[2]}: check --image-size")
+        elif key in ("pos_embed", "feature.0.weight"):
+            hint = "; the ViT's token count follows the image size: check --image-size"
         raise ValueError(f"state_dict[{key!r}] has shape {tuple(tensor.shape)}, expected "
                          f"{torch_shape}{hint}")
     if len(expected_shape) == 4:
@@ -148,7 +200,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str, *,
     missing = sorted((set(wanted) | extra_expected) - present)
     unexpected = sorted(present - set(wanted) - extra_expected)
     if missing or unexpected:
-        described = _describe_iresnet(list(state_dict)) if isinstance(module, IResNet) else ""
+        described = _describe(state_dict, module)
         raise ValueError(
             f"state_dict does not match --arch {arch}{described}: "
             f"{len(missing)} missing key(s) {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
@@ -166,13 +218,20 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str, *,
     for key, (path, leaf) in wanted.items():
         tensor = _to_numpy(state_dict[key], key)
         use_fc_map = fc_map if key == "fc.weight" else None
-        converted.append(_torch_to_flax(key, tensor, tuple(leaf.shape), use_fc_map))
+        try:
+            converted.append(_torch_to_flax(key, tensor, tuple(leaf.shape), use_fc_map))
+        except ValueError as e:  # another variant of the same family: say which
+            if isinstance(module, VisionTransformer):
+                raise ValueError(f"{e}; --arch {arch} is a ViT of width {module.embed_dim}, depth "
+                                 f"{module.depth}, {module.num_patches} tokens{_describe_vit(state_dict)}") from None
+            raise
     variables = jax.tree_util.tree_unflatten(treedef, converted)
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
 def _read_embedding_size(state_dict: Mapping[str, Any], arch: str) -> int:
-    for key in ("features.running_mean", "features.layers.3.running_mean", "fc.bias"):
+    for key in ("features.running_mean", "features.layers.3.running_mean", "feature.3.running_mean",
+                "fc.bias"):
         if key in state_dict:
             return int(np.shape(_to_numpy(state_dict[key], key))[0])
     raise ValueError(f"cannot read the embedding size from the state_dict for --arch {arch} "

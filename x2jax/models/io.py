@@ -298,4 +298,7 @@ def _load_backbone_step(directory: Path, step: int, overrides: dict[str, Any]) -
     if data["name"] == "synthetic":
         info["synthetic"] = {"variant": data["variant"]}
         info["synthetic"].update({k: data[k] for k in ("num_identities", "images_per_identity", "image_size") if data[k]})
+        # families and long tail off their defaults (x2jax.evaluation.sets.SHAPE_FIELDS; this floor cannot import it)
+        info["synthetic"].update({k: data[k] for k, off in (("family_size", 1), ("family_similarity", 0.0),
+                                                            ("zipf_exponent", 0.0)) if data.get(k, off) != off})
     return module, variables, info

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from x2jax.models.layers import BatchNorm, Conv, PReLU
+from x2jax.models.layers import BatchNorm, Conv, PReLU, remat_block
 
 IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
     "r18": (2, 2, 2, 2),
@@ -53,6 +53,22 @@ def check_images(images: jax.Array, image_size: int, model: str) -> None:
                          f"got dtype {images.dtype}")
 
 
+BATCH_NORMS = ("global", "local")
+
+
+def bn_groups(batch_norm: str, batch_shards: int, model: str) -> int:
+    """BatchNorm groups of a backbone: ``batch_shards`` for "local" statistics, 1 for "global".
+
+    Raises:
+      ValueError: ``batch_norm`` not in :data:`BATCH_NORMS`, or ``batch_shards < 1``.
+    """
+    if batch_norm not in BATCH_NORMS:
+        raise ValueError(f"{model}: batch_norm must be one of {BATCH_NORMS}, got {batch_norm!r}")
+    if int(batch_shards) < 1:
+        raise ValueError(f"{model}: batch_shards must be >= 1, got {batch_shards}")
+    return int(batch_shards) if batch_norm == "local" else 1
+
+
 def check_image_size(image_size: int, model: str) -> None:
     if image_size <= 0 or image_size % 16:
         raise ValueError(f"{model}: image_size must be a positive multiple of 16, got {image_size}")
@@ -66,10 +82,12 @@ class IBasicBlock(nn.Module):
     downsample: bool = False
     conv_impl: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    bn_groups: int = 1  # BatchNorm statistics per group of the batch (layers.BatchNorm.groups)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = lambda name: BatchNorm(use_running_average=not train, dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(use_running_average=not train, dtype=self.dtype, groups=self.bn_groups,
+                                    name=name)
         conv = lambda name, k, s, p: Conv(self.planes, k, s, p, conv_impl=self.conv_impl,
                                           dtype=self.dtype, name=name)
         out = bn("bn1")(x)
@@ -96,8 +114,12 @@ class IResNet(nn.Module):
       dropout: rate before the fc (insightface default 0; needs a 'dropout' rng if > 0).
       dtype: compute dtype of the convolutional trunk (params stay float32).
       conv_impl: name of the conv implementation (``layers.CONV_IMPLS``).
-      remat: gradient checkpointing ("none", "blocks" or a policy name).
+      remat: gradient checkpointing per IBasicBlock, a name in ``layers.REMAT_CHOICES``
+        ("none", "blocks" or a ``jax.checkpoint_policies`` name); same parameters.
       batch_norm: training BatchNorm statistics over the "global" batch or per device ("local").
+      batch_shards: devices the training batch is split over (the mesh's batch shards,
+        set by ``ModelSpec.build``); with ``batch_norm="local"`` each BatchNorm takes its
+        statistics per shard (:func:`bn_groups`); ignored with "global" and in evaluation.
       arch: name used in error messages.
     """
 
@@ -110,6 +132,7 @@ class IResNet(nn.Module):
     conv_impl: str = "xla"
     remat: str = "none"
     batch_norm: str = "global"
+    batch_shards: int = 1
     arch: str = "iresnet"
 
     @property
@@ -125,16 +148,18 @@ class IResNet(nn.Module):
             raise ValueError(f"{self.arch}: layers and widths need 4 stages, got "
                              f"{tuple(self.layers)} and {tuple(self.widths)}")
         x = images.astype(self.dtype)
+        groups = bn_groups(self.batch_norm, self.batch_shards, self.arch)
         x = Conv(self.widths[0], 3, 1, 1, conv_impl=self.conv_impl, dtype=self.dtype,
                  name="conv1")(x)
-        x = BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn1")(x)
+        x = BatchNorm(use_running_average=not train, dtype=self.dtype, groups=groups, name="bn1")(x)
         x = PReLU(dtype=self.dtype, name="prelu")(x)
+        block = remat_block(IBasicBlock, self.remat)  # "none": IBasicBlock itself
         for stage, (num_blocks, planes) in enumerate(zip(self.layers, self.widths)):
             for i in range(num_blocks):
-                x = IBasicBlock(planes, stride=2 if i == 0 else 1, downsample=i == 0,
-                                conv_impl=self.conv_impl, dtype=self.dtype,
-                                name=f"layer{stage + 1}_{i}")(x, train)
-        x = BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn2")(x)
+                x = block(planes, stride=2 if i == 0 else 1, downsample=i == 0,
+                          conv_impl=self.conv_impl, dtype=self.dtype, bn_groups=groups,
+                          name=f"layer{stage + 1}_{i}")(x, train)
+        x = BatchNorm(use_running_average=not train, dtype=self.dtype, groups=groups, name="bn2")(x)
         x = x.reshape(x.shape[0], -1).astype(jnp.float32)  # NHWC flatten (see convert.py)
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
         fan_in = x.shape[-1]
@@ -144,7 +169,7 @@ class IResNet(nn.Module):
                      bias_init=lambda key, shape, dtype: jax.random.uniform(
                          key, shape, dtype, -bound, bound),
                      name="fc")(x)
-        x = BatchNorm(use_running_average=not train, use_scale=False, dtype=jnp.float32,
+        x = BatchNorm(use_running_average=not train, use_scale=False, dtype=jnp.float32, groups=groups,
                       name="features")(x)
         chex.assert_shape(x, (images.shape[0], self.embedding_size))
         chex.assert_type(x, jnp.float32)

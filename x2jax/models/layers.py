@@ -188,6 +188,21 @@ class BatchNorm(nn.Module):
 
     Variables: params ``scale`` (if ``use_scale``), ``bias``; batch_stats ``mean``, ``var``.
     Statistics and normalisation are computed in float32; the output is cast to ``dtype``.
+
+    ``groups > 1`` ("local" BatchNorm, torch DDP without SyncBatchNorm): the batch
+    (B, ...) is split into ``groups`` contiguous slices of B / groups examples
+    (x viewed as (G, B/G, ...)) and each slice is normalised with its own
+    statistics ``mu_g, var_g`` (n = elements per channel of one slice). With
+    G = the number of batch shards of the mesh, slice g is exactly device g's
+    part of the batch, so the sharding of the batch carries over to the group
+    axis and the statistics need no collective (checked in the compiled HLO:
+    tests/test_batch_norm_local.py). The running statistics are updated with the
+    mean over the groups: ``mean <- m * mean + (1 - m) * mean_g(mu_g)``,
+    ``var <- m * var + (1 - m) * mean_g(var_g * n / (n - 1))``, which is exactly
+    the average of what each device would hold had it kept its own running
+    statistics (the update is linear); it is identical on every device and its
+    one (2, C) reduction per layer feeds nothing but the new statistics, off the
+    forward pass's path. ``groups=1`` is the global batch. Evaluation ignores it.
     """
 
     use_running_average: bool | None = None
@@ -195,6 +210,7 @@ class BatchNorm(nn.Module):
     epsilon: float = BN_EPSILON
     momentum: float = BN_MOMENTUM
     dtype: jnp.dtype = jnp.float32
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -212,13 +228,26 @@ class BatchNorm(nn.Module):
         if use_running_average:
             y, _ = _normalize(x32, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
             return y.astype(self.dtype)
-        n = x.size // features
+        groups = int(self.groups)
+        if groups < 1 or x.shape[0] % groups:
+            raise ValueError(f"BatchNorm {self.name}: groups={groups} (batch_norm='local': one group per "
+                             f"batch shard) must be >= 1 and divide the batch of input {x.shape}")
+        n = x.size // (features * groups)
         if n < 2:
             raise ValueError(f"BatchNorm {self.name}: training needs more than one value "
-                             f"per channel, got input {x.shape} (as torch)")
-        y, mean, var = batch_norm_train(x32, scale, bias, self.epsilon)
+                             f"per channel{' and group' if groups > 1 else ''}, got input {x.shape}"
+                             f"{f' in {groups} groups' if groups > 1 else ''} (as torch)")
+        if groups == 1:
+            y, mean, var = batch_norm_train(x32, scale, bias, self.epsilon)
+        else:  # (G, B/G, ...): statistics per group, parameter gradients summed over groups
+            xg = x32.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+            yg, mean, var = jax.vmap(lambda v, s, b: batch_norm_train(v, s, b, self.epsilon),
+                                     in_axes=(0, None, None))(xg, scale, bias)
+            y = yg.reshape(x.shape)
         if not self.is_initializing():
             unbiased = var * (n / (n - 1))
+            if groups > 1:  # the mean of the groups' statistics, one (2, C) reduction
+                mean, unbiased = jnp.mean(jnp.stack([mean, unbiased], axis=1), axis=0)
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
         return y.astype(self.dtype)
@@ -293,3 +322,52 @@ class PReLU(nn.Module):
                            (x.shape[-1],), jnp.float32)
         x = x.astype(self.dtype)
         return jnp.where(x >= 0, x, slope.astype(self.dtype) * x)
+
+
+# ----------------------------------------------------------------------------- remat
+REMAT_POLICIES: tuple[str, ...] = (
+    "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+"""``jax.checkpoint_policies`` that need no arguments, selectable by name as ``remat``."""
+
+REMAT_CHOICES: tuple[str, ...] = ("none", "blocks") + REMAT_POLICIES
+"""Values of a backbone's ``remat`` field (the ``model.remat`` config key):
+
+* "none": no gradient checkpointing (every activation the backward needs is kept);
+* "blocks": each residual block (IResNet ``IBasicBlock``, MobileFaceNet ``DepthWise``,
+  ViT ``Block``) is a ``jax.checkpoint`` that saves only its input: everything inside
+  it is recomputed in the backward pass (= "nothing_saveable" within a block);
+* a policy name: the same per-block checkpoint, keeping what ``jax.checkpoint_policies.<name>``
+  saves (e.g. "dots_saveable": the matmul/conv outputs, recomputing the elementwise ops).
+"""
+
+
+def check_remat(remat: str, model: str = "model") -> None:
+    """Raises ValueError unless ``remat`` is one of :data:`REMAT_CHOICES`."""
+    if remat not in REMAT_CHOICES:
+        raise ValueError(f"{model}: remat must be one of {REMAT_CHOICES}, got {remat!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def remat_block(cls: type[nn.Module], remat: str, static_argnums: tuple[int, ...] = (2,)) -> type[nn.Module]:
+    """``cls`` with gradient checkpointing ``remat`` (:data:`REMAT_CHOICES`) around its ``__call__``.
+
+    "none" returns ``cls`` itself; otherwise ``nn.remat(cls, policy=..., static_argnums=...)``
+    ("blocks": policy None, i.e. nothing inside the block is saved). Parameter and
+    variable names do not change (a block keeps the ``name=`` it is given), so checkpoints
+    and converted weights load with any ``remat``. Cached: one class per (cls, remat).
+
+    Args:
+      cls: a block whose ``__call__(self, x, train)`` takes ``train`` positionally.
+      remat: a name in :data:`REMAT_CHOICES`.
+      static_argnums: arguments of ``__call__`` that are Python values, ``self`` = 0
+        (default: ``train``, argument 2, which selects batch or running statistics).
+
+    Returns:
+      A module class with the fields of ``cls``.
+    """
+    check_remat(remat, cls.__name__)
+    if remat == "none":
+        return cls
+    policy = None if remat == "blocks" else getattr(jax.checkpoint_policies, remat)
+    return nn.remat(cls, policy=policy, static_argnums=static_argnums)

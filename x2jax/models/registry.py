@@ -16,12 +16,35 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from x2jax.models.iresnet import IRESNET_LAYERS, IRESNET_WIDTHS, IResNet, check_image_size
+from x2jax.models.layers import check_remat
 from x2jax.models.mobilefacenet import MobileFaceNet
+from x2jax.models.vit import VisionTransformer, check_vit_image_size
 
 Variables = dict[str, Any]
 
+# arcface_torch backbones/__init__.py: embed dim, depth, heads, drop path, mask ratio; patch 9 at
+# 112 px (insightface's conv drops the last 4 rows and columns: 12 x 12 tokens). The *_dp005_*
+# names are its WebFace42M variants (same parameters, other drop path / mask); vit_l is its
+# only ViT-L, vit_l_dp005_mask_005.
+VIT_VARIANTS: dict[str, tuple[int, int, int, float, float]] = {
+    "vit_t": (256, 12, 8, 0.1, 0.1),
+    "vit_t_dp005_mask0": (256, 12, 8, 0.05, 0.0),
+    "vit_s": (512, 12, 8, 0.1, 0.1),
+    "vit_s_dp005_mask_0": (512, 12, 8, 0.05, 0.0),
+    "vit_b": (512, 24, 8, 0.1, 0.1),
+    "vit_b_dp005_mask_005": (512, 24, 8, 0.05, 0.05),
+    "vit_l": (768, 24, 8, 0.05, 0.05),
+}
+
+
+def _vit_fields(dim: int, depth: int, heads: int, drop_path: float, mask: float,
+                patch: int = 9, crop: int = 4) -> dict[str, Any]:
+    return {"embed_dim": dim, "depth": depth, "num_heads": heads, "drop_path_rate": drop_path,
+            "mask_ratio": mask, "patch_size": patch, "crop": crop}
+
+
 # name -> (module class, architecture fields). Everything else (embedding_size,
-# image_size, dtype, conv_impl, dropout) is a keyword of get_model.
+# image_size, dtype, conv_impl, dropout, remat, batch_norm) is a keyword of get_model.
 _ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     **{name: (IResNet, {"layers": layers, "widths": IRESNET_WIDTHS})
        for name, layers in IRESNET_LAYERS.items()},
@@ -30,6 +53,9 @@ _ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     # insightface "mbf" and "mbf_large".
     "mobilefacenet": (MobileFaceNet, {"blocks": (1, 4, 6, 2), "scale": 2}),
     "mobilefacenet_large": (MobileFaceNet, {"blocks": (2, 8, 12, 4), "scale": 4}),
+    **{name: (VisionTransformer, _vit_fields(*v)) for name, v in VIT_VARIANTS.items()},
+    # A small ViT for CPU runs and tests: patch 4, no crop (8 x 8 tokens at 32 px, 4 x 4 at 16).
+    "vit_tiny": (VisionTransformer, _vit_fields(64, 2, 4, 0.1, 0.1, patch=4, crop=0)),
 }
 
 NAMES: tuple[str, ...] = tuple(_ARCHS)
@@ -43,8 +69,10 @@ def get_model(name: str, *, embedding_size: int = 512, dtype: Any = jnp.float32,
               **kwargs: Any) -> nn.Module:
     """Returns the (unbound) Flax module ``name`` (one of :data:`NAMES`).
 
-    Keywords: ``image_size`` (default 112, multiple of 16), ``conv_impl``
-    ("xla"), ``dropout`` (IResNet), or any architecture field to override.
+    Keywords: ``image_size`` (default 112; IResNet / MobileFaceNet: a multiple of 16; ViT:
+    ``image_size - crop`` a multiple of ``patch_size``), ``conv_impl`` ("xla"), ``dropout``
+    (IResNet), ``remat`` (``layers.REMAT_CHOICES``), ``batch_norm``, or any architecture field
+    to override.
     ``dtype`` is the compute dtype ("float32", "bfloat16" or a jnp dtype).
     """
     if name not in _ARCHS:
@@ -66,7 +94,11 @@ def get_model(name: str, *, embedding_size: int = 512, dtype: Any = jnp.float32,
     if embedding_size <= 0:
         raise ValueError(f"model {name!r}: embedding_size must be positive, got {embedding_size}")
     fields = {**arch_fields, **kwargs}
-    check_image_size(fields.get("image_size", 112), name)
+    check_remat(fields.get("remat", "none"), name)
+    if cls is VisionTransformer:
+        check_vit_image_size(fields.get("image_size", 112), fields["patch_size"], fields["crop"], name)
+    else:
+        check_image_size(fields.get("image_size", 112), name)
     return cls(embedding_size=embedding_size, dtype=dtype, arch=name, **fields)
 
 

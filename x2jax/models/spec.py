@@ -48,7 +48,7 @@ class ModelSpec:
     Attributes:
       arch: a name in :data:`x2jax.models.NAMES`.
       embedding_size: output width E.
-      image_size: input side S (a multiple of 16).
+      image_size: input side S (a multiple of 16; ViT: ``S - crop`` a multiple of the patch).
       dtype: compute dtype name ("float32", "bfloat16", "float16").
       conv_impl: a name in :data:`x2jax.models.layers.CONV_IMPLS` ("auto": resolved by
         :meth:`build`).
@@ -140,7 +140,8 @@ class ModelSpec:
         keep = lambda s: s.replace(**{k: getattr(self, k) for k in RUNTIME_FIELDS})
         return keep(self) == keep(other)
 
-    def build(self, platform: str | None = None, num_devices: int | None = None) -> nn.Module:
+    def build(self, platform: str | None = None, num_devices: int | None = None,
+              batch_shards: int = 1) -> nn.Module:
         """The Flax module, with ``conv_impl="auto"`` resolved for where it will run.
 
         The convs then decide nothing from the process's state at trace time
@@ -150,6 +151,10 @@ class ModelSpec:
           platform: "cpu", "gpu" or "tpu" (default: ``jax.default_backend()``); pass
             the target's when compiling ahead of time for another platform.
           num_devices: devices the model runs on (default: ``jax.device_count()``).
+          batch_shards: devices the training batch is split over (the mesh's batch axes):
+            with ``batch_norm="local"`` each BatchNorm takes its training statistics per
+            shard; 1 (one group: the whole batch) otherwise. A training-layout setting,
+            not part of the spec (a checkpoint resumes with another count).
 
         Raises:
           ValueError: an unknown architecture or an invalid keyword (``get_model``).
@@ -157,6 +162,7 @@ class ModelSpec:
         kwargs: dict[str, Any] = {"embedding_size": self.embedding_size, "image_size": self.image_size,
                                   "dtype": self.dtype, "dropout": self.dropout,
                                   "remat": self.remat, "batch_norm": self.batch_norm,
+                                  "batch_shards": int(batch_shards),
                                   "conv_impl": resolve_conv_impl(self.conv_impl, platform, num_devices)}
         for key in _LIST_FIELDS:
             if getattr(self, key):

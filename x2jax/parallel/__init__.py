@@ -4,10 +4,14 @@ See docs/parallel.md.
 """
 from x2jax.parallel.head import (
     HeadAux,
+    SampledRows,
+    gather_rows,
     init_class_centers,
     num_sampled_per_shard,
     pad_num_classes,
+    select_rows,
     sharded_margin_loss,
+    update_rows,
 )
 from x2jax.parallel.mesh import (
     DATA_AXIS,
@@ -19,7 +23,7 @@ from x2jax.parallel.mesh import (
     make_mesh,
     mesh_axis_size,
 )
-from x2jax.parallel.optim import masked_row_updates
+from x2jax.parallel.optim import masked_row_updates, row_sparse_sgd
 from x2jax.parallel.sharding import (
     DEFAULT_RULES,
     ShardingRules,
@@ -41,10 +45,12 @@ __all__ = [
     "MODEL_AXIS",
     "HeadAux",
     "PeerTimeoutError",
+    "SampledRows",
     "ShardingRules",
     "batch_sharding",
     "class_centers_sharding",
     "fsdp_spec",
+    "gather_rows",
     "host_local_to_global",
     "init_class_centers",
     "initialize_distributed",
@@ -59,5 +65,8 @@ __all__ = [
     "pad_num_classes",
     "param_shardings",
     "replicated",
+    "row_sparse_sgd",
+    "select_rows",
     "sharded_margin_loss",
+    "update_rows",
 ]

@@ -36,9 +36,17 @@ them. Only rows in ``HeadAux.row_mask`` (sample plus positives) get a gradient;
 wrap the class-centre optimizer in :func:`x2jax.parallel.optim.masked_row_updates`
 and pass ``row_mask`` so that momentum and weight decay do not touch the other
 rows (insightface's behaviour).
+
+Row-sparse update (the train step's default with SGD): :func:`select_rows` takes
+the same sample before the loss, :func:`gather_rows` reads only those rows of W,
+``sharded_margin_loss(..., rows=...)`` is differentiated with respect to them
+(no dense gradient of W) and :func:`update_rows` applies SGD with momentum to
+those rows of W and its momentum in place (docs/parallel.md, "Row-sparse update").
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -75,12 +83,19 @@ class HeadAux(NamedTuple):
       sample (0 without sampling).
     target_cosine: (B,) float32 ``cos_y`` of the global batch (for loss state
       updates, e.g. CurricularFace's running mean).
+    target_prob: (B,) float32 ``p_y``, the softmax probability of the target
+      under the loss's own (margin-modified, scaled) logits over the classes
+      this step sees (the sampled ones under Partial FC); ``exp(-loss_i)``.
+    nearest_cosine: (B,) float32 the largest non-target cosine over the same
+      classes (``-inf`` if there is none): the nearest other class centre.
     """
 
     row_mask: Array
     sampled: Array
     num_overflow: Array
     target_cosine: Array
+    target_prob: Array
+    nearest_cosine: Array
 
 
 def pad_num_classes(num_classes: int, num_shards: int) -> int:
@@ -119,7 +134,8 @@ def init_class_centers(
     ``INIT_CHUNK_ROWS``: no device ever materialises the full matrix and the
     random-bit temporaries stay at one chunk (a plain ``jax.random.normal`` of
     the whole (C, D) matrix needs about 3 more W-sized temporaries). Works
-    eagerly and inside an outer ``jit``.
+    eagerly and inside an outer ``jit``. Rows are drawn in float32 and rounded to
+    ``dtype`` (a bfloat16 W is the float32 one rounded, chunk by chunk).
     """
     n_shards = num_class_shards(mesh, rules)
     padded = pad_num_classes(num_classes, n_shards) if num_rows is None else int(num_rows)
@@ -131,7 +147,7 @@ def init_class_centers(
     class_axes = rules.classes or ()
 
     def row(key, i):
-        w = std * jax.random.normal(jax.random.fold_in(key, i), (embedding_size,), dtype)
+        w = std * jax.random.normal(jax.random.fold_in(key, i), (embedding_size,), jnp.float32)
         return jnp.where(i < num_classes, w, 0).astype(dtype)
 
     chunk = min(num_local, INIT_CHUNK_ROWS)
@@ -160,6 +176,221 @@ def init_class_centers(
     return out
 
 
+def _sample_local(key: Array, shard: Array | int, local_y_c: Array, owned: Array, rows_real: Array,
+                  num_sampled: int, num_extra: int) -> tuple[Array, Array, Array, Array]:
+    """One shard's Partial FC sample (inside ``shard_map``), shared by both head paths.
+
+    Scores: positives of the global batch ``2 + num_local - i`` (above every other
+    row, lower index first), other real rows ``U[0, 1)`` from the shard's key, padded
+    rows -1; ``top_k`` of ``num_sampled + num_extra`` (ties: lower index first, so
+    its first ``num_sampled`` are ``top_k(num_sampled)``).
+
+    Returns:
+      rows (num_sampled,) sorted local indices (the sample), extra (num_extra,) the
+      next ones by score, sorted (positives that overflowed the sample come first),
+      positive (num_local,) bool, sampled (num_local,) bool (padding included).
+    """
+    num_local = rows_real.shape[0]
+    positive = jnp.zeros(num_local, jnp.int32).at[local_y_c].max(owned.astype(jnp.int32)) > 0
+    # Independent of the margin function's use of the same key.
+    shard_key = jax.random.fold_in(jax.random.fold_in(key, 0x5A3F), shard)
+    # Positives above every negative, lower index first (overflow rule);
+    # exact in float32 for shards of up to 2**24 rows.
+    first_rows = (2 + num_local - jnp.arange(num_local)).astype(jnp.float32)
+    scores = jnp.where(positive, first_rows, jnp.where(
+        rows_real, jax.random.uniform(shard_key, (num_local,)), -1.0))
+    _, top = jax.lax.top_k(scores, num_sampled + num_extra)
+    rows = jnp.sort(top[:num_sampled])
+    extra = jnp.sort(top[num_sampled:])
+    sampled = jnp.zeros(num_local, bool).at[rows].set(True)
+    return rows, extra, positive, sampled
+
+
+def _gathered_index(gathered: Array, num_sampled: int, local_y_c: Array) -> Array:
+    """Position of each (owned) label's row in a shard's gathered rows (sample, then extras).
+
+    Both parts are sorted: a binary search in each. Labels the shard does not own
+    get some position (their cosine is masked by the caller).
+    """
+    sample = gathered[:num_sampled]
+    pos = jnp.clip(jnp.searchsorted(sample, local_y_c), 0, num_sampled - 1)
+    num_extra = gathered.shape[0] - num_sampled
+    if num_extra == 0:
+        return pos
+    extra = gathered[num_sampled:]
+    pos_extra = jnp.clip(jnp.searchsorted(extra, local_y_c), 0, num_extra - 1)
+    return jnp.where(sample[pos] == local_y_c, pos, num_sampled + pos_extra)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("rows", "update", "sampled", "row_mask", "num_overflow"),
+                   meta_fields=("num_rows", "num_sampled", "sample_rate", "mesh", "rules"))
+@dataclasses.dataclass(frozen=True)
+class SampledRows:
+    """A Partial FC sample taken before the loss (:func:`select_rows`), for the row-sparse update.
+
+    Each of the S class shards gathers ``k = num_sampled + num_extra`` of its rows:
+    first its sample (``num_sampled`` rows, sorted), then ``num_extra = min(B,
+    C_local - num_sampled)`` further rows by score (sorted), which hold every
+    positive that overflowed the sample; the others among them are not updated.
+
+    rows: (S * k,) int32 local row indices, split over the class axes like W's rows.
+    update: (S * k,) bool, the gathered row gets an optimizer step (a real sampled
+      row, or an overflowed positive).
+    sampled, row_mask: (C_pad,) bool, as :class:`HeadAux`.
+    num_overflow: int32 scalar, as :class:`HeadAux`.
+    num_rows: C_pad; num_sampled: per shard; sample_rate; mesh and rules: the layout.
+    """
+
+    rows: Array
+    update: Array
+    sampled: Array
+    row_mask: Array
+    num_overflow: Array
+    num_rows: int
+    num_sampled: int
+    sample_rate: float
+    mesh: Mesh
+    rules: ShardingRules
+
+
+def select_rows(
+    labels: Array,
+    rng: Array,
+    *,
+    mesh: Mesh,
+    num_rows: int,
+    num_classes: int,
+    sample_rate: float,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> SampledRows:
+    """The Partial FC sample :func:`sharded_margin_loss` takes with ``rng``, before the loss.
+
+    The same rows as the loss's own sampling with the same key and mesh, plus the
+    extra rows of :class:`SampledRows`, so that a step can gather only those rows
+    of W (:func:`gather_rows`), differentiate the loss with respect to them
+    (``sharded_margin_loss(..., gather_rows(W, s), ..., rows=s)``) and update
+    them in place (:func:`update_rows`). Work per shard is O(C_local) on scalars
+    (scores, top-k), none on rows of W.
+
+    Args:
+      labels: (B,) int global labels, split on the batch axes.
+      rng: the key the loss would take.
+      mesh, rules: the layout of W (C_pad = ``num_rows`` rows over the class axes).
+      num_rows: C_pad; num_classes: real classes C <= C_pad.
+      sample_rate: in (0, 1).
+    """
+    class_axes, batch_axes = rules.classes or (), rules.batch or ()
+    n_shards = mesh_axis_size(mesh, class_axes or None)
+    if num_rows % n_shards or not 0 < num_classes <= num_rows:
+        raise ValueError(f"select_rows: num_rows={num_rows} must be a multiple of the {n_shards} class "
+                         f"shards and >= num_classes={num_classes}")
+    num_local = num_rows // n_shards
+    num_sampled = num_sampled_per_shard(num_local, sample_rate)
+    num_extra = min(int(labels.shape[0]), num_local - num_sampled)
+
+    def body(y_loc, key):
+        y = jax.lax.all_gather(y_loc, batch_axes, tiled=True) if batch_axes else y_loc
+        shard = jax.lax.axis_index(class_axes) if class_axes else 0
+        start = shard * num_local
+        local_y = y - start
+        owned = (local_y >= 0) & (local_y < num_local)
+        local_y_c = jnp.clip(local_y, 0, num_local - 1)
+        rows_real = (start + jnp.arange(num_local)) < num_classes
+        rows, extra, positive, sampled = _sample_local(key, shard, local_y_c, owned, rows_real,
+                                                       num_sampled, num_extra)
+        overflow = jnp.sum(positive & ~sampled).astype(jnp.int32)
+        if class_axes:
+            overflow = jax.lax.psum(overflow, class_axes)
+        update = jnp.concatenate([rows_real[rows], positive[extra]])
+        return (jnp.concatenate([rows, extra]).astype(jnp.int32), update, sampled & rows_real,
+                (sampled | positive) & rows_real, overflow)
+
+    cspec = P(class_axes or None)
+    out = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axes or None), P()),
+                        out_specs=(cspec, cspec, cspec, cspec, P()))(labels.astype(jnp.int32), rng)
+    return SampledRows(*out, num_rows=int(num_rows), num_sampled=num_sampled, sample_rate=float(sample_rate),
+                       mesh=mesh, rules=rules)
+
+
+def gather_rows(weight: Array, rows: SampledRows, dtype: Any = jnp.float32) -> Array:
+    """``W_local[rows]`` on every shard, as ``dtype``: (S * k, D), split like W's rows. W never moves."""
+    class_axes = rows.rules.classes or None
+    if weight.shape[0] != rows.num_rows:
+        raise ValueError(f"gather_rows: W has {weight.shape[0]} rows, the sample was taken for {rows.num_rows}")
+    return jax.shard_map(lambda w, r: w[r].astype(dtype), mesh=rows.mesh,
+                         in_specs=(P(class_axes, None), P(class_axes)),
+                         out_specs=P(class_axes, None))(weight, rows.rows)
+
+
+def update_rows(
+    weight: Array,
+    momentum: Array | None,
+    rows: SampledRows,
+    values: Array,
+    grads: Array,
+    *,
+    learning_rate: Array | float,
+    momentum_decay: float,
+    weight_decay: float,
+    nesterov: bool = False,
+    apply: Array | bool = True,
+) -> tuple[Array, Array | None]:
+    """SGD with momentum and L2 weight decay on the gathered rows of W, scattered back in place.
+
+    For each gathered row with ``rows.update`` (and ``apply``), in float32
+    whatever W and the momentum are stored in (``w = values``, ``g = grads``)::
+
+        g' = g + weight_decay * w              (torch-style L2, optax.add_decayed_weights)
+        m' = g' + momentum_decay * m           (optax.trace; m = momentum[row])
+        w' = w - lr * (g' + momentum_decay * m' if nesterov else m')
+
+    then ``W[row] = w'`` and ``momentum[row] = m'`` rounded to their dtypes; other
+    rows, and all rows when ``apply`` is False, keep their stored values. This is
+    optax's ``chain(add_decayed_weights, sgd(momentum))`` on those rows; rows not
+    gathered are not read or written (their momentum stays frozen). With
+    ``momentum`` None (momentum_decay 0): plain SGD. Donate W and the momentum to
+    the enclosing ``jit`` so that the scatter is in place.
+
+    Args:
+      weight: (C_pad, D) W, any float dtype; momentum: the same shape (or None).
+      rows: the sample; values: ``gather_rows(weight, rows)`` (S * k, D) float32;
+      grads: the loss gradient with respect to ``values``.
+      learning_rate: scalar; apply: bool scalar (False: a step that changes nothing).
+
+    Returns:
+      (new W, new momentum), same shapes, dtypes and shardings.
+    """
+    class_axes = rows.rules.classes or None
+    wspec, rspec = P(class_axes, None), P(class_axes)
+    has_momentum = momentum is not None
+
+    def body(w, m, r, upd, v, g, lr, ok):
+        v, g = v.astype(jnp.float32), g.astype(jnp.float32)
+        g = g + weight_decay * v
+        if has_momentum:
+            m_old = m[r].astype(jnp.float32)
+            m_new = g + momentum_decay * m_old
+            step = g + momentum_decay * m_new if nesterov else m_new
+        else:
+            step = g
+        keep = (upd & ok)[:, None]
+        w = w.at[r].set(jnp.where(keep, v - lr * step, v).astype(w.dtype), unique_indices=True)
+        if has_momentum:
+            m = m.at[r].set(jnp.where(keep, m_new, m_old).astype(m.dtype), unique_indices=True)
+        return w, m
+
+    lr = jnp.asarray(learning_rate, jnp.float32)
+    ok = jnp.asarray(apply, bool)
+    m_in = momentum if has_momentum else jnp.zeros((), jnp.float32)
+    mspec = wspec if has_momentum else P()
+    new_w, new_m = jax.shard_map(body, mesh=rows.mesh,
+                                 in_specs=(wspec, mspec, rspec, rspec, wspec, wspec, P(), P()),
+                                 out_specs=(wspec, mspec))(weight, m_in, rows.rows, rows.update, values,
+                                                           grads, lr, ok)
+    return new_w, (new_m if has_momentum else None)
+
+
 def _split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Python scalars/strings are static; anything array-like is a traced input."""
     static, arrays = {}, {}
@@ -181,6 +412,7 @@ def sharded_margin_loss(
     num_classes: int | None = None,
     sample_rate: float = 1.0,
     rng: Array | None = None,
+    rows: SampledRows | None = None,
     rules: ShardingRules = DEFAULT_RULES,
     precision: jax.lax.PrecisionLike = None,
     return_aux: bool = False,
@@ -205,6 +437,11 @@ def sharded_margin_loss(
       rng: PRNG key, required when ``sample_rate < 1`` (each shard folds in its
         index) or when the spec ``needs_rng`` (ElasticFace), which gets
         this key unchanged, as ``margin_loss(..., rng=rng)``.
+      rows: a sample taken beforehand by :func:`select_rows` (the row-sparse
+        update): ``weight`` is then the gathered rows ``gather_rows(W, rows)``
+        (S * k, D), not W, the loss is the same function of them as of W with
+        ``sample_rate=rows.sample_rate`` and the same key, and its gradient is
+        per gathered row; ``sample_rate`` is ignored.
       rules: sharding rules (which mesh axes split the batch and the classes).
       precision: matmul precision of the cosine block.
       return_aux: also return :class:`HeadAux`.
@@ -226,6 +463,11 @@ def sharded_margin_loss(
     chex.assert_equal_shape_prefix([embeddings, labels], 1)
     batch, dim = embeddings.shape
     padded, wdim = weight.shape
+    if rows is not None:
+        if padded != rows.rows.shape[0]:
+            raise ValueError(f"sharded_margin_loss: with rows=, weight must be gather_rows(W, rows) of "
+                             f"{rows.rows.shape[0]} rows, got {weight.shape}")
+        padded = rows.num_rows
     if dim != wdim:
         raise ValueError(
             f"sharded_margin_loss: embedding dim {dim} does not match weight (C, D)={weight.shape}")
@@ -249,10 +491,10 @@ def sharded_margin_loss(
             f"(mesh axes {batch_axes})")
     losses.check_labels(labels, num_classes)
     num_local = padded // n_shards
-    sampling = sample_rate < 1.0
-    num_sampled = num_sampled_per_shard(num_local, sample_rate)
+    sampling = sample_rate < 1.0 or rows is not None
+    num_sampled = rows.num_sampled if rows is not None else num_sampled_per_shard(num_local, sample_rate)
     wants_rng = spec.needs_rng
-    if (sampling or wants_rng) and rng is None:
+    if ((sampling and rows is None) or wants_rng) and rng is None:
         raise ValueError(
             "sharded_margin_loss: an rng key is needed (sample_rate < 1 or a margin "
             f"function that takes rng: {getattr(margin_fn, '__name__', margin_fn)})")
@@ -261,7 +503,7 @@ def sharded_margin_loss(
                          "margin functions that take one")
     if wants_rng:
         margin_params["rng"] = rng
-    if not sampling:
+    if not sampling or rng is None:
         rng = jax.random.key(0)  # unused placeholder with a fixed pytree structure
     static_params, array_params = _split_params(margin_params)
     wants_norms = spec.needs_norms and "norms" not in margin_params
@@ -271,7 +513,7 @@ def sharded_margin_loss(
     # (B, 1) call for the target logit, which saves a copy of the block.
     target_dependent = spec.nontarget_depends_on_target
 
-    def body(e_loc, w_loc, y_loc, key, arrays):
+    def body(e_loc, w_loc, y_loc, key, arrays, given):
         # 1. global batch on every shard; W stays local.
         e = jax.lax.all_gather(e_loc, batch_axes, tiled=True) if batch_axes else e_loc
         y = jax.lax.all_gather(y_loc, batch_axes, tiled=True) if batch_axes else y_loc
@@ -283,26 +525,23 @@ def sharded_margin_loss(
         local_y_c = jnp.clip(local_y, 0, num_local - 1)
         rows_real = (start + jnp.arange(num_local)) < num_classes
 
-        # 2. exact target cosine from the owning shard.
-        w_y = losses.l2_normalize(w_loc[local_y_c])
+        # 2. exact target cosine from the owning shard (with a given sample, from
+        # its gathered rows: every positive is among them).
+        y_idx = _gathered_index(given[0], num_sampled, local_y_c) if given else local_y_c
+        w_y = losses.l2_normalize(w_loc[y_idx])
         cos_y = jnp.where(owned, jnp.sum(e_n * w_y, axis=1), 0.0)
         if class_axes:
             cos_y = jax.lax.psum(cos_y, class_axes)
 
         # Partial FC sample of local rows (static size).
-        if sampling:
-            positive = jnp.zeros(num_local, jnp.int32).at[local_y_c].max(owned.astype(jnp.int32)) > 0
-            # Independent of the margin function's use of the same key.
-            shard_key = jax.random.fold_in(jax.random.fold_in(key, 0x5A3F), shard)
-            # Positives above every negative, lower index first (overflow rule);
-            # exact in float32 for shards of up to 2**24 rows.
-            first_rows = (2 + num_local - jnp.arange(num_local)).astype(jnp.float32)
-            scores = jnp.where(positive, first_rows, jnp.where(
-                rows_real, jax.random.uniform(shard_key, (num_local,)), -1.0))
-            _, rows = jax.lax.top_k(scores, num_sampled)
-            rows = jnp.sort(rows)
+        if given:  # select_rows: the sample leads the gathered rows
+            rows = given[0][:num_sampled]
+            w_blk = w_loc[:num_sampled]
+            sampled, row_mask, overflow = given[1], given[2], given[3]
+        elif sampling:
+            rows, _, positive, sampled = _sample_local(key, shard, local_y_c, owned, rows_real,
+                                                       num_sampled, 0)
             w_blk = w_loc[rows]
-            sampled = jnp.zeros(num_local, bool).at[rows].set(True)
             overflow = jnp.sum(positive & ~sampled).astype(jnp.int32)
             row_mask = (sampled | positive) & rows_real
             sampled = sampled & rows_real
@@ -311,7 +550,7 @@ def sharded_margin_loss(
             w_blk = w_loc
             sampled = row_mask = rows_real
             overflow = jnp.zeros((), jnp.int32)
-        if class_axes:
+        if class_axes and not given:
             overflow = jax.lax.psum(overflow, class_axes)
 
         # 3. block logits and the target logit.
@@ -358,16 +597,24 @@ def sharded_margin_loss(
             sumexp = jax.lax.psum(sumexp, class_axes)
         sumexp = sumexp + jnp.exp(tgt - m)
         loss = jnp.mean(jnp.log(sumexp) + m - tgt)
+        # Metrics, not differentiated: p_y from the softmax statistics above, and
+        # the nearest non-target centre reduced over the shards like the row maxima.
+        target_prob = jax.lax.stop_gradient(jnp.exp(tgt - m) / sumexp)
+        nearest = jnp.max(jnp.where(keep, jax.lax.stop_gradient(cos), -jnp.inf), axis=1)
+        if class_axes:
+            nearest = jax.lax.pmax(nearest, class_axes)
         aux = HeadAux(row_mask=row_mask, sampled=sampled, num_overflow=overflow,
-                      target_cosine=cos_y)
+                      target_cosine=cos_y, target_prob=target_prob, nearest_cosine=nearest)
         return loss, aux
 
     cspec = P(class_axes or None)
     bspec = P(batch_axes or None)
+    given = () if rows is None else (rows.rows, rows.sampled, rows.row_mask, rows.num_overflow)
     in_specs = (P(batch_axes or None, None), P(class_axes or None, None), bspec, P(),
-                jax.tree.map(lambda _: P(), array_params))
+                jax.tree.map(lambda _: P(), array_params),
+                () if rows is None else (cspec, cspec, cspec, P()))
     out_specs = (P(), HeadAux(row_mask=cspec, sampled=cspec, num_overflow=P(),
-                              target_cosine=P()))
+                              target_cosine=P(), target_prob=P(), nearest_cosine=P()))
     loss, aux = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
-        embeddings, weight, labels.astype(jnp.int32), rng, array_params)
+        embeddings, weight, labels.astype(jnp.int32), rng, array_params, given)
     return (loss, aux) if return_aux else loss

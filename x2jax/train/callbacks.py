@@ -8,6 +8,7 @@ model ``eval.py`` reads) and ``best.json`` at the best mean accuracy so far.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +26,16 @@ from x2jax.train.metrics import MetricWriter
 def backbone_variables(state) -> dict[str, Any]:
     """The backbone's ``{'params', 'batch_stats'}`` of a TrainState (what eval and export read)."""
     return {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+
+
+@functools.lru_cache(maxsize=16)
+def eval_apply(model) -> Callable[[Any, Any], Any]:
+    """``(variables, images) -> embeddings`` in eval mode; one function object per (hashable) model,
+    so the eval embedding compiles once per process, however many callbacks share the model."""
+    def apply(variables, images):
+        return model.apply(variables, images, train=False)
+
+    return apply
 
 
 def run_verification(apply_fn, variables, sets, *, batch_size: int, mesh) -> dict[str, dict]:
@@ -55,11 +66,7 @@ class VerificationCallback:
         self.spec, self.batch_size, self.mesh, self.say = spec, batch_size, mesh, say
         self.best: dict[str, Any] = _read_best(self.workdir)
         self.last: dict[str, dict] = {}
-
-        def apply(variables, images):  # one function object: the eval embedding compiles once
-            return model.apply(variables, images, train=False)
-
-        self._apply = apply
+        self._apply = eval_apply(model)
 
     def __call__(self, step: int, state, *, track_best: bool = True) -> None:
         if not self.sets:

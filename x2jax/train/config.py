@@ -53,6 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
             num_identities=0,
             images_per_identity=0,
             image_size=0,
+            # synthetic only (docs/data.md): family_size > 1 groups identities into families whose
+            # latents are pulled to a shared centre by family_similarity in [0, 1) (0: unrelated), and
+            # splits verification negatives into hard (same family) and easy; zipf_exponent > 0:
+            # long-tailed images per identity (0: images_per_identity each). Defaults: today's data.
+            family_size=1,
+            family_similarity=0.0,
+            zipf_exponent=0.0,
         )
     )
     # layers / widths: override the architecture's stages (() = the named architecture's).
@@ -63,8 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
              remat="none", batch_norm="global")
     )
     # Loss: a name from x2jax.losses.NAMES and its keyword params; sample_rate < 1 is Partial FC.
+    # head_update: "auto" (row-sparse when sample_rate < 1 with SGD: only the sampled rows of W are
+    # gathered, differentiated and updated), "sparse" (require it) or "dense" (dense W gradient, masked
+    # update); head_store_dtype: W's storage ("float32" or "bfloat16", row-sparse only, updates in fp32).
     c.loss = ml_collections.ConfigDict(
-        dict(name="x2_softmax", params=ml_collections.ConfigDict(dict(scale=64.0, a=-0.9, h=0.0, k=0.65)), sample_rate=1.0)
+        dict(name="x2_softmax", params=ml_collections.ConfigDict(dict(scale=64.0, a=-0.9, h=0.0, k=0.65)), sample_rate=1.0,
+             head_update="auto", head_store_dtype="float32")
     )
     c.optimizer = ml_collections.ConfigDict(
         dict(
@@ -77,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
             eps=1e-8,
             grad_clip_norm=5.0,  # backbone only; 0 disables
             accumulate_steps=1,
+            head_momentum_dtype="float32",  # W's momentum storage: "bfloat16" with the row-sparse head only
         )
     )
     c.schedule = ml_collections.ConfigDict(
@@ -264,9 +276,15 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
             _check_keys(config[key], schema[key], name + ".")
 
 
+def row_sparse_head(config: ml_collections.ConfigDict) -> bool:
+    """Whether the step updates W row-sparsely (Partial FC with SGD, ``loss.head_update`` not 'dense')."""
+    return (config.loss.sample_rate < 1.0 and config.optimizer.name == "sgd"
+            and config.loss.head_update in ("auto", "sparse"))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check a config without touching devices; raises ``ValueError`` naming the key."""
-    from x2jax.models.layers import CONV_IMPLS  # noqa: PLC0415 (keeps losses import light)
+    from x2jax.models.layers import CONV_IMPLS, REMAT_CHOICES  # noqa: PLC0415 (keeps losses import light)
     from x2jax.models.registry import NAMES as MODEL_NAMES  # noqa: PLC0415
     from x2jax.train.optimizer import OPTIMIZERS, SCHEDULES  # noqa: PLC0415
 
@@ -283,12 +301,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
     if d.on_corrupt not in ("skip", "raise"):
         raise ConfigError(f"data.on_corrupt must be 'skip' or 'raise', got {d.on_corrupt!r}")
+    _validate_synthetic_shape(config)
     if m.name not in MODEL_NAMES:
         raise ConfigError(f"model.name {m.name!r} unknown; known: {', '.join(MODEL_NAMES)}")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
     if m.conv_impl not in CONV_IMPLS:
         raise ConfigError(f"model.conv_impl must be one of {sorted(CONV_IMPLS)}, got {m.conv_impl!r}")
+    if m.remat not in REMAT_CHOICES:
+        raise ConfigError(f"model.remat must be one of {REMAT_CHOICES}, got {m.remat!r}")
     if m.batch_norm not in ("global", "local"):  # x2jax.models.iresnet.BATCH_NORMS
         raise ConfigError(f"model.batch_norm must be 'global' or 'local', got {m.batch_norm!r}")
     if config.schedule.name not in SCHEDULES:
@@ -311,6 +332,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"loss.sample_rate must be in (0, 1], got {lo.sample_rate}")
     if lo.sample_rate < 1.0 and config.optimizer.accumulate_steps > 1:
         raise ConfigError("loss.sample_rate < 1 with optimizer.accumulate_steps > 1 is not supported")
+    if lo.head_update not in ("auto", "sparse", "dense"):
+        raise ConfigError(f"loss.head_update must be 'auto', 'sparse' or 'dense', got {lo.head_update!r}")
+    for key, value in (("loss.head_store_dtype", lo.head_store_dtype),
+                       ("optimizer.head_momentum_dtype", config.optimizer.head_momentum_dtype)):
+        if value not in ("float32", "bfloat16"):
+            raise ConfigError(f"{key} must be 'float32' or 'bfloat16', got {value!r}")
+    sparse_possible = lo.sample_rate < 1.0 and config.optimizer.name == "sgd"
+    if lo.head_update == "sparse" and not sparse_possible:
+        raise ConfigError("loss.head_update='sparse' needs loss.sample_rate < 1 and optimizer.name='sgd', got "
+                          f"{lo.sample_rate} and {config.optimizer.name!r}")
+    if "bfloat16" in (lo.head_store_dtype, config.optimizer.head_momentum_dtype) and not row_sparse_head(config):
+        raise ConfigError("loss.head_store_dtype / optimizer.head_momentum_dtype 'bfloat16' need the row-sparse "
+                          "head: loss.sample_rate < 1, optimizer.name='sgd' and loss.head_update 'auto' or 'sparse'")
     if (config.num_steps > 0) == (config.num_epochs > 0):
         raise ConfigError(f"set exactly one of num_steps ({config.num_steps}) and num_epochs ({config.num_epochs})")
     if config.num_steps > 0 and not 0 <= config.schedule.warmup_steps < config.num_steps:
@@ -339,11 +373,43 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"eval set: {e}") from None
 
 
+def _validate_synthetic_shape(config: ml_collections.ConfigDict) -> None:
+    """data.family_size / family_similarity / zipf_exponent, and the eval sets that need families."""
+    from x2jax.data import synthetic  # noqa: PLC0415
+    from x2jax.evaluation import sets  # noqa: PLC0415
+
+    d = config.data
+    if d.family_size < 1:
+        raise ConfigError(f"data.family_size must be >= 1 (1 = independent identities), got {d.family_size}")
+    if not 0.0 <= d.family_similarity < 1.0:
+        raise ConfigError(f"data.family_similarity must be in [0, 1) (0 = unrelated family members, "
+                          f"near 1 = near-duplicates), got {d.family_similarity}")
+    if d.family_similarity > 0 and d.family_size == 1:
+        raise ConfigError(f"data.family_similarity={d.family_similarity} needs data.family_size > 1")
+    if not 0.0 <= d.zipf_exponent <= synthetic.MAX_ZIPF_EXPONENT:
+        raise ConfigError(f"data.zipf_exponent must be in [0, {synthetic.MAX_ZIPF_EXPONENT}] "
+                          f"(0 = images_per_identity each), got {d.zipf_exponent}")
+    shaped = [k for k, default in sets.SHAPE_FIELDS.items() if d[k] != default]
+    if d.name != "synthetic" and shaped:
+        raise ConfigError(f"data.{shaped[0]} applies to synthetic data only (data.name={d.name!r})")
+    if d.name == "synthetic":
+        try:  # the variant exists and the sizes fit the families (no family spans train and verification)
+            ref = sets.SyntheticSetRef.from_data_config(d)
+            synthetic.get_config(ref.variant, **dict(ref.overrides))
+        except ValueError as e:
+            raise ConfigError(f"data (synthetic variant {d.variant!r}): {e}") from None
+    subsets = [s.strip() for s in config.eval.sets.split(",") if s.strip() in sets.SYNTHETIC_SUBSETS]
+    if subsets and (d.name != "synthetic" or d.family_size < 2):
+        raise ConfigError(f"eval set {subsets[0]!r} needs synthetic data with families "
+                          f"(data.family_size > 1), got data.name={d.name!r}, data.family_size={d.family_size}")
+
+
 # What a resume must agree on with the checkpoint's run (besides the model and class count).
 # The run length (num_steps / num_epochs) may grow; data paths and loader settings may move.
 RESUME_KEYS = (
     "seed", "loss", "optimizer", "schedule", "data.name", "data.variant", "data.batch_size", "data.flip",
     "data.num_identities", "data.images_per_identity", "data.image_size",
+    "data.family_size", "data.family_similarity", "data.zipf_exponent",
 )
 
 

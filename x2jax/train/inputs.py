@@ -12,7 +12,8 @@ image_folder       ``root/<identity>/<image>``                 the root
 tfds               a TFDS ArrayRecord dataset                  ``builder/config``
 =================  ==========================================  =====================
 
-Eval set ``synthetic`` is the held-out split of the synthetic training config;
+Eval set ``synthetic`` is the held-out split of the synthetic training config
+(``synthetic_hard`` / ``synthetic_easy``: its hard / easy negative halves, with families);
 any other name is ``<eval.data_dir>/<name>.bin`` (or a prepared TFDS
 ``face_verification/<name>`` there), resized to the training image size
 (:mod:`x2jax.evaluation.sets`).
@@ -30,8 +31,9 @@ from x2jax import data as x2data
 from x2jax.evaluation import sets as eval_sets
 
 
-def synthetic_overrides(data_cfg: Any) -> dict[str, int]:
-    """Non-zero size overrides of the synthetic variant (``data.num_identities`` ...)."""
+def synthetic_overrides(data_cfg: Any) -> dict[str, Any]:
+    """Overrides of the synthetic variant: non-zero sizes (``data.num_identities`` ...) and
+    families / long tail (``data.family_size``, ``family_similarity``, ``zipf_exponent``) off their defaults."""
     return dict(eval_sets.SyntheticSetRef.from_data_config(data_cfg).overrides)
 
 
@@ -92,5 +94,6 @@ def open_verification_sets(
       ValueError: ``synthetic`` is asked for but ``data.name`` is not synthetic.
       FileNotFoundError: a set is not under ``data_dir``.
     """
-    synthetic = eval_sets.SyntheticSetRef.from_data_config(data_config) if eval_sets.SYNTHETIC in names else None
+    wants_synthetic = any(name in eval_sets.SYNTHETIC_NAMES for name in names)
+    synthetic = eval_sets.SyntheticSetRef.from_data_config(data_config) if wants_synthetic else None
     return eval_sets.open_verification_sets(names, data_dir=data_dir, image_size=image_size, synthetic=synthetic)

@@ -35,7 +35,7 @@ from x2jax.train.checkpointing import (
 )
 from x2jax.models.io import read_meta
 from x2jax.models.spec import ModelSpec
-from x2jax.train.metrics import MetricWriter, Progress, StepTimer, format_duration
+from x2jax.train.metrics import MetricWriter, Progress, StepTimer, format_duration, progress_fields
 from x2jax.train.setup import Run, build_run
 from x2jax.train.step import AheadOfTimeStep, batch_spec
 from x2jax.train.workdir_lock import WorkdirInUseError, WorkdirLock
@@ -228,7 +228,7 @@ def train_loop(run: Run, *, t_enter: float | None = None, batch_hook: BatchHook 
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 m["images_per_second"] = progress.images_per_second(step)
                 writer.write(step, "train", m)
-                progress.update(step, {"loss": m["loss"], "lr": m["lr"]})
+                progress.update(step, progress_fields(m))
                 summary["loss"] = m["loss"]
 
             if (config.eval.every_steps and step % config.eval.every_steps == 0) or last:

@@ -1,6 +1,9 @@
 """Metrics of a run: JSONL log, TensorBoard event files, a progress line.
 
-Only process 0 writes. ``<workdir>/metrics.jsonl`` has one JSON object a line
+The train lines carry every metric of the step (x2jax/train/step.py), among
+them ``target_prob``, ``target_angle_deg`` and ``nearest_angle_deg``; the
+progress line shows those as ``p_y``, ``target`` and ``nearest``
+(:func:`progress_fields`). Only process 0 writes. ``<workdir>/metrics.jsonl`` has one JSON object a line
 (``{"step": ..., "split": "train"|"eval", ...}``); ``<workdir>/tensorboard`` has
 event files (tensorboardX, no TensorFlow needed).
 """
@@ -111,6 +114,27 @@ class StepTimer:
         return False
 
 
+def progress_fields(m: Mapping[str, float]) -> dict[str, float | str]:
+    """The train metrics the progress line shows: loss, p_y, target and nearest angle, lr.
+
+    Args:
+      m: a step's metrics (``loss``, ``lr``, and when present ``target_prob``,
+        ``target_angle_deg``, ``nearest_angle_deg``).
+
+    Returns:
+      ``{label: value}`` for :meth:`Progress.update`, e.g. ``loss 80.27 | p_y 1.2e-35 |
+      target 71.2 deg | nearest 85.3 deg | lr 0.1``.
+    """
+    out: dict[str, float | str] = {"loss": m["loss"]}
+    if "target_prob" in m:
+        out["p_y"] = f"{m['target_prob']:.3g}"
+    for key, label in (("target_angle_deg", "target"), ("nearest_angle_deg", "nearest")):
+        if key in m:
+            out[label] = f"{m[key]:.1f} deg"
+    out["lr"] = m["lr"]
+    return out
+
+
 class Progress:
     """A one-line status every call: step, loss, images/s, ETA."""
 
@@ -128,14 +152,15 @@ class Progress:
         elapsed = time.perf_counter() - self._t0
         return (step - self._step0) * self.batch / elapsed if elapsed > 0 and step > self._step0 else float("nan")
 
-    def update(self, step: int, scalars: Mapping[str, float]) -> None:
+    def update(self, step: int, scalars: Mapping[str, float | str]) -> None:
+        """Prints the line: ``name value`` per scalar (floats as ``.4g``, strings as given)."""
         if not self.active:
             return
         ips = self.images_per_second(step)
         eta = (self.total - step) * self.batch / ips if ips == ips and ips > 0 else float("nan")
         pct = 100.0 * step / max(self.total, 1)
         parts = [f"step {step}/{self.total} ({pct:3.0f}%)"]
-        parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
+        parts += [f"{k} {v}" if isinstance(v, str) else f"{k} {v:.4g}" for k, v in scalars.items()]
         parts.append(f"{ips:.0f} img/s" if ips == ips else "-- img/s")
         parts.append(f"ETA {format_duration(eta)}" if eta == eta else "ETA --")
         print(" | ".join(parts), file=self.stream, flush=True)

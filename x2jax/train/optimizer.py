@@ -8,6 +8,13 @@ in the official code). The head's optimizer is wrapped in
 only sampled class-centre rows move (their momentum and weight decay too).
 Weight decay is torch-style L2 added to the gradient before momentum
 (``torch.optim.SGD(weight_decay=...)``); AdamW uses decoupled decay.
+
+With ``row_sparse_head`` (Partial FC with SGD, the train step's default for
+``loss.sample_rate < 1``) the head's optimizer is
+:func:`x2jax.parallel.optim.row_sparse_sgd` instead: the same SGD, state and
+checkpoint layout, applied to the gathered rows of W only (no dense gradient of
+W, no pass over unsampled rows), its momentum stored in
+``optimizer.head_momentum_dtype``.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Any
 
 import optax
 
-from x2jax.parallel.optim import masked_row_updates
+from x2jax.parallel.optim import masked_row_updates, row_sparse_sgd
 
 SCHEDULES = ("constant", "step", "polynomial", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
@@ -63,18 +70,34 @@ def _base(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {cfg.name!r}")
 
 
-def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(cfg: Any, schedule: optax.Schedule, *,
+                   row_sparse_head: bool = False) -> optax.GradientTransformationExtraArgs:
     """Optimizer over ``{'backbone', 'head'}``; ``update(..., row_mask=...)`` for Partial FC.
 
     cfg fields: name ("sgd" | "adamw"), momentum, nesterov, weight_decay, b1, b2,
     eps, grad_clip_norm (backbone only; 0 disables), accumulate_steps (>1 wraps
-    everything in ``optax.MultiSteps``).
+    everything in ``optax.MultiSteps``), head_momentum_dtype (row-sparse head only).
+
+    ``row_sparse_head``: the head is :func:`row_sparse_sgd` (``update(..., rows=...,
+    row_values=..., apply=...)``, whose head "updates" are the new W); SGD only, no
+    accumulation.
+
+    Raises:
+      ValueError: ``row_sparse_head`` with AdamW or accumulate_steps > 1.
     """
     backbone = _base(cfg, schedule)
     if float(cfg.grad_clip_norm) > 0:
         backbone = optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip_norm)), backbone)
+    if row_sparse_head:
+        if cfg.name != "sgd" or int(cfg.accumulate_steps) > 1:
+            raise ValueError(f"the row-sparse Partial FC head needs optimizer.name='sgd' and accumulate_steps=1, "
+                             f"got {cfg.name!r} and {cfg.accumulate_steps}")
+        head = row_sparse_sgd(schedule, momentum=float(cfg.momentum), weight_decay=float(cfg.weight_decay),
+                              nesterov=bool(cfg.nesterov), momentum_dtype=cfg.get("head_momentum_dtype", "float32"))
+    else:
+        head = masked_row_updates(_base(cfg, schedule))
     tx = optax.partition(
-        {"backbone": optax.with_extra_args_support(backbone), "head": masked_row_updates(_base(cfg, schedule))},
+        {"backbone": optax.with_extra_args_support(backbone), "head": head},
         {"backbone": "backbone", "head": "head"},
         mask_compatible_extra_args=False,
     )

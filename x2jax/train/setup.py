@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -67,15 +67,22 @@ class Run:
         return self.config.data.batch_size // jax.process_count()
 
 
-def make_run_mesh(config: ml_collections.ConfigDict, rules: ShardingRules) -> Mesh:
-    """The ``("data", "model")`` mesh of ``config.mesh``, checked against the batch."""
+def make_run_mesh(config: ml_collections.ConfigDict, rules: ShardingRules,
+                  devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ``("data", "model")`` mesh of ``config.mesh``, checked against the batch.
+
+    ``devices`` (default ``jax.devices()``, every process's) may be another platform's,
+    e.g. the compile-only devices of a TPU topology (:mod:`x2jax.tpu`); their
+    ``process_index`` values are the processes the batch is checked against.
+    """
+    devices = list(jax.devices() if devices is None else devices)
     n = config.mesh.num_devices
-    if n > jax.device_count():
-        raise config_lib.ConfigError(f"mesh.num_devices={n} but only {jax.device_count()} device(s) "
-                                     f"are available ({jax.devices()[0].platform})")
-    mesh = make_mesh(data=config.mesh.data, model=config.mesh.model, devices=jax.devices()[:n] if n > 0 else None)
+    if n > len(devices):
+        raise config_lib.ConfigError(f"mesh.num_devices={n} but only {len(devices)} device(s) "
+                                     f"are available ({devices[0].platform})")
+    mesh = make_mesh(data=config.mesh.data, model=config.mesh.model, devices=devices[:n] if n > 0 else devices)
     config_lib.validate_for_devices(config, batch_shards=mesh_axis_size(mesh, rules.batch),
-                                    process_count=jax.process_count())
+                                    process_count=len({d.process_index for d in devices}))
     return mesh
 
 
@@ -87,19 +94,25 @@ def build_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: ShardingRul
     step is compiled for: pass "tpu" to compile ahead of time for a TPU topology.
     """
     spec = ModelSpec.from_config(config, image_size)
-    # conv_impl "auto" resolved for the target platform and the mesh's devices
-    model = spec.build(platform=platform, num_devices=mesh.size)
+    # conv_impl "auto" resolved for the target platform and the mesh's devices; batch_norm="local"
+    # takes BatchNorm statistics per batch shard of the mesh
+    try:
+        model = spec.build(platform=platform, num_devices=mesh.size, batch_shards=mesh_axis_size(mesh, rules.batch))
+    except ValueError as e:  # e.g. an image size the architecture cannot take
+        raise config_lib.ConfigError(f"model {spec.arch!r}: {e}") from None
     schedule = make_schedule(config.schedule, total_steps)
-    tx = make_optimizer(config.optimizer, schedule)
+    sparse = config_lib.row_sparse_head(config)  # Partial FC with SGD: only sampled rows of W are touched
+    tx = make_optimizer(config.optimizer, schedule, row_sparse_head=sparse)
     float16 = config.model.dtype == "float16"
     create_state, shardings, abstract_state = make_state_factory(
         model=model, tx=tx, mesh=mesh, num_classes=num_classes, loss_name=config.loss.name,
         float16=float16, param_strategy=config.mesh.param_sharding, rules=rules,
+        head_dtype=config.loss.head_store_dtype,
     )
     train_step = make_train_step(
         model=model, tx=tx, schedule=schedule, mesh=mesh, shardings=shardings, num_classes=num_classes,
         loss_name=config.loss.name, loss_params=dict(config.loss.params), sample_rate=config.loss.sample_rate,
-        float16=float16, rules=rules,
+        float16=float16, rules=rules, row_sparse_head=sparse,
     )
     return Step(spec, model, schedule, tx, create_state, shardings, abstract_state, train_step)
 

@@ -7,6 +7,12 @@ over the class axes, scalars replicated. ``create_train_state`` runs the
 initialiser under ``jax.jit(..., out_shardings=...)`` so no device ever holds
 the full W.
 
+W is stored in ``head_dtype`` (float32, or bfloat16 for the row-sparse Partial FC
+head, whose optimizer keeps its momentum in ``optimizer.head_momentum_dtype``); its
+optimizer state has the same layout whichever head update the step uses
+(``x2jax.parallel.optim.row_sparse_sgd`` keeps the dense head's), so a checkpoint of
+one restores into the other.
+
 W has ``C_pad`` rows: ``C`` rounded up to a multiple of ``lcm(128, shards)``.
 The padding does not depend on the device count as long as the class-shard
 count divides 128, so a checkpoint restores onto 1, 2, 4, ... 128 class
@@ -80,12 +86,15 @@ def _init_state(
     float16: bool,
     mesh: Mesh,
     rules: ShardingRules,
+    head_dtype: Any = jnp.float32,
 ) -> TrainState:
     rng, model_rng, head_rng = jax.random.split(rng, 3)
     variables = init_variables(model, model_rng)
-    # N(0, 0.01) as the official code; each shard draws its own rows (same W on any mesh).
+    # N(0, 0.01) as the official code; each shard draws its own rows (same W on any mesh),
+    # in float32, rounded to head_dtype chunk by chunk.
     weight = init_class_centers(
-        head_rng, num_classes, model.embedding_size, mesh, num_rows=padded_classes, rules=rules
+        head_rng, num_classes, model.embedding_size, mesh, num_rows=padded_classes, rules=rules,
+        dtype=jnp.dtype(head_dtype),
     )
     params = {"backbone": variables["params"], "head": {"weight": weight}}
     return TrainState(
@@ -137,12 +146,14 @@ def make_state_factory(
     float16: bool = False,
     param_strategy: str = "replicate",
     rules: ShardingRules = DEFAULT_RULES,
+    head_dtype: Any = "float32",
 ) -> tuple[Any, TrainState, TrainState]:
     """Returns ``(create(rng) -> TrainState, shardings, abstract state with shardings)``.
 
     ``create`` is the initialiser jitted with ``out_shardings``; the abstract state
     (``jax.ShapeDtypeStruct`` carrying the target shardings) is what a checkpoint
-    restores into, on this mesh whatever mesh saved it.
+    restores into, on this mesh whatever mesh saved it. ``head_dtype``: W's storage
+    dtype (``loss.head_store_dtype``).
     """
     padded = checkpoint_class_rows(num_classes, num_class_shards(mesh, rules))
     init = functools.partial(
@@ -155,6 +166,7 @@ def make_state_factory(
         float16=float16,
         mesh=mesh,
         rules=rules,
+        head_dtype=head_dtype,
     )
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = state_shardings(abstract, tx, mesh, param_strategy=param_strategy, rules=rules)
