@@ -158,7 +158,15 @@ def check_batchable(plans: Sequence[RunPlan], *, num_devices: int, process_count
 
 
 def plan_batch(plans: Sequence[RunPlan]) -> BatchPlan:
-    """Branches and per-run arguments of a batch (see :class:`BatchPlan`)."""
+    """Branches and per-run arguments of a batch.
+
+    Args:
+      plans: the runs, in batch order.
+
+    Returns:
+      The :class:`BatchPlan`: one branch per distinct (loss, static params), the
+      traced params of each run as float32 arrays.
+    """
     keys: list[tuple[str, tuple]] = []
     branches: list[LossBranch] = []
     traced_of_branch: list[tuple[str, ...]] = []

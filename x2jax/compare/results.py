@@ -187,7 +187,15 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 
 def write_results(comparison: Comparison, total_steps: int) -> dict[str, Any]:
-    """Writes ``results.json`` and ``results.md`` under the comparison directory; returns the results."""
+    """Writes ``results.json`` and ``results.md`` under the comparison directory.
+
+    Args:
+      comparison: the comparison (its runs' directories are read).
+      total_steps: the run length; a run counts once this step is trained and verified.
+
+    Returns:
+      The results (:func:`assemble`), NaN kept (results.json has them as null).
+    """
     results = assemble(comparison, total_steps)
     directory = comparison.workdir
     (directory / "results.json").write_text(json.dumps(_clean(results), indent=1) + "\n")

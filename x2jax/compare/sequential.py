@@ -30,7 +30,17 @@ def latest_step(plan: RunPlan) -> int:
 
 def train_sequential(plans: Sequence[RunPlan], shared: Run, comparison: Comparison, *,
                      say: Callable[[str], None] = print) -> bool:
-    """Trains (or resumes) each run in turn; returns False if a run was preempted (SIGTERM / Ctrl-C)."""
+    """Trains (or resumes) each run in turn with train.py's ``train_loop``.
+
+    Args:
+      plans: the runs (finished ones are skipped).
+      shared: :func:`x2jax.compare.shared.build_shared` (data, eval sets, mesh).
+      comparison: the comparison (data seed, for each run's meta).
+      say: prints a line.
+
+    Returns:
+      False if a run was preempted (SIGTERM / Ctrl-C; the rest is not started), else True.
+    """
     for i, plan in enumerate(plans):
         if latest_step(plan) >= shared.total_steps:
             say(f"[{i + 1}/{len(plans)}] {plan.name}: finished ({plan.workdir})")

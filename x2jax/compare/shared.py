@@ -19,7 +19,7 @@ from x2jax import losses
 from x2jax.compare.runs import Comparison, RunPlan
 from x2jax.parallel.sharding import ShardingRules
 from x2jax.train.checkpointing import Checkpointer
-from x2jax.train.setup import Run, build_run, build_step
+from x2jax.train.setup import Run, Step, build_run, build_step
 
 
 def build_shared(comparison: Comparison, *, say: Callable[[str], None] = print) -> Run:
@@ -30,13 +30,13 @@ def build_shared(comparison: Comparison, *, say: Callable[[str], None] = print) 
     return dataclasses.replace(run, train_data=dataclasses.replace(run.train_data, seed=comparison.data_seed))
 
 
-def run_meta(shared: Run, plan: RunPlan, comparison: Comparison, step, mesh: Mesh) -> dict:
+def run_meta(shared: Run, plan: RunPlan, comparison: Comparison, step: Step, mesh: Mesh) -> dict:
     """The checkpoint meta train.py writes (config, model, classes, mesh), plus the comparison's data seed."""
     return dict(shared.meta, config=json.loads(plan.config.to_json()), model=step.spec.to_json(),
                 mesh=dict(mesh.shape), compare={"data_seed": comparison.data_seed, "loss_label": plan.loss.label})
 
 
-def abstract_state_for(step, loss_name: str) -> Any:
+def abstract_state_for(step: Step, loss_name: str) -> Any:
     """``step.abstract_state`` with the loss state of ``loss_name`` (what that run's checkpoints hold)."""
     loss_state = jax.eval_shape(losses.spec(loss_name).init_state)
     rep = step.shardings.rng  # replicated
