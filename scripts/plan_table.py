@@ -35,11 +35,14 @@ SLICES = {
     "v6e": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
 }
 POD = {"v5e": "16x16", "v5p": "4x4x4", "v6e": "16x16"}
-RECIPES = ("ms1mv3_r50_x2softmax", "webface42m_r100_x2softmax", "ms1mv3_r100_x2softmax", "glint360k_r100_x2softmax",
-           "synthetic_large_r18_x2softmax", "synthetic_tiny_x2softmax")
-# What runs first: the brief's rows (r50 and webface42m r100 on v5e and v5p), then v6e, then the rest.
+RECIPES = ("ms1mv3_r50_x2softmax", "webface42m_r100_x2softmax", "webface42m_vit_b_x2softmax", "ms1mv3_r100_x2softmax",
+           "glint360k_r100_x2softmax", "ms1mv3_vit_t_x2softmax", "synthetic_large_r18_x2softmax",
+           "synthetic_tiny_x2softmax")
+# What runs first: r50 and webface42m r100 on v5e and v5p, then v6e; ViT-B on v5e and v6e
+# (next to r100), then the rest.
 ORDER = ([(r, g) for r in RECIPES[:2] for g in ("v5e", "v5p")] + [(r, "v6e") for r in RECIPES[:2]]
-         + [(r, g) for r in RECIPES[2:] for g in ("v5e", "v5p", "v6e")])
+         + [(RECIPES[2], g) for g in ("v5e", "v6e", "v5p")]
+         + [(r, g) for r in RECIPES[3:] for g in ("v5e", "v5p", "v6e")])
 
 
 def command(recipe: str, topology: str) -> list[str]:

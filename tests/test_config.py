@@ -136,3 +136,26 @@ def test_train_py_refuses_bad_configs_before_any_device_work(tmp_path, args, err
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"train.py: error: {error}" in out.stderr and "no_such_platform" not in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_differences_fill_keys_added_after_the_checkpoint():
+    """A checkpoint written before optimizer/loss/data keys existed compares as their defaults."""
+    config = config_lib.load_config(ROOT / "configs" / "synthetic_tiny_x2softmax.py")
+    saved = json.loads(config.to_json())
+    for key in ("head_update", "head_store_dtype"):
+        del saved["loss"][key]
+    del saved["optimizer"]["head_momentum_dtype"]
+    del saved["data"]["family_size"]
+    assert config_lib.resume_differences(saved, config) == []
+    # a changed value is still a difference, named by its group; a lacking key filled with the
+    # default differs from a non-default value now
+    saved["optimizer"]["momentum"] = 0.5
+    diffs = config_lib.resume_differences(saved, config)
+    assert len(diffs) == 1 and diffs[0].startswith("optimizer: ") and '"momentum": 0.5' in diffs[0]
+    with config.unlocked():
+        config.loss.head_store_dtype = "bfloat16"
+        config.data.family_size = 4
+    saved["optimizer"]["momentum"] = config.optimizer.momentum
+    diffs = config_lib.resume_differences(saved, config)
+    assert [d.split(":")[0] for d in diffs] == ["loss", "data.family_size"], diffs
+    assert '"head_store_dtype": "float32"' in diffs[0] and diffs[1] == "data.family_size: 1 -> 4"

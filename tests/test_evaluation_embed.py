@@ -61,6 +61,22 @@ def test_sharded_over_data_axis_matches_unsharded(tiny):
         embed_images(module.apply, variables, images, 6, mesh=mesh)
 
 
+def test_sharded_embedding_program_has_no_collectives(tiny):
+    """Each device embeds its own slice of the batch and its flips: no data moves between devices."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from x2jax.evaluation.verification import _flip_sum_embed
+
+    module, variables, images = tiny
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    batch = jax.device_put(images[:8], NamedSharding(mesh, P("data")))
+    text = _flip_sum_embed.lower(module.apply, jax.device_put(variables, NamedSharding(mesh, P())),
+                                 batch).compile().as_text()
+    for op in ("all-to-all", "all-gather", "all-reduce", "collective-permute", "reduce-scatter"):
+        assert op not in text, op
+
+
 def test_rejects_float_images(tiny):
     module, variables, images = tiny
     with pytest.raises(ValueError, match="uint8"):

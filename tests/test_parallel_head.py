@@ -100,6 +100,39 @@ def test_two_axis_mesh_equals_single_device():
     np.testing.assert_allclose(np.asarray(gw)[:61], ref_gw, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_classes_on_model_only_replicates_w_over_data_and_equals_single_device(sample_rate):
+    """rules.classes="model": W split over model, replicated over data (the batch axis)."""
+    from x2jax.parallel import ShardingRules
+
+    mesh, rules = make_mesh(data=2, model=4), ShardingRules(classes="model")
+    e, w, y = _data(61, seed=5)
+    key = jax.random.key(1)
+    # the single-device reference with the same sample: a 1-device-per-shard mesh of the same
+    # class split (4 shards) takes the same rows as the (2, 4) mesh
+    ref_mesh, ref_rules = make_mesh(data=1, model=4, devices=jax.devices()[:4]), ShardingRules(classes="model")
+
+    def run(mesh, rules):
+        w_sh = jax.device_put(_pad(w, 64), class_centers_sharding(mesh, rules))
+        return jax.jit(jax.value_and_grad(lambda e, w: sharded_margin_loss(
+            e, w, y, margin_fn=losses.x2_softmax, mesh=mesh, num_classes=61, rules=rules,
+            sample_rate=sample_rate, rng=key), argnums=(0, 1)))(jnp.asarray(e), w_sh)
+
+    out, (ge, gw) = run(mesh, rules)
+    assert gw.sharding.is_equivalent_to(class_centers_sharding(mesh, rules), 2)
+    assert _shard_shapes(gw) == {(16, D)}
+    if sample_rate == 1.0:
+        ref, (ref_ge, ref_gw) = jax.value_and_grad(losses.margin_loss, argnums=(0, 1))(
+            jnp.asarray(e), jnp.asarray(w), jnp.asarray(y), losses.x2_softmax)
+        np.testing.assert_allclose(out, _np_x2_loss(e, w, y, np.ones((B, 61), bool)), rtol=1e-5)
+    else:
+        ref, (ref_ge, ref_gw) = run(ref_mesh, ref_rules)
+        ref_gw = np.asarray(ref_gw)[:61]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ge, ref_ge, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw)[:61], ref_gw, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss_name,params", [
     ("curricularface", {"t": np.float32(0.3)}),  # non-target logits depend on cos_y
     ("adaface", {"batch_mean": np.float32(4.0), "batch_std": np.float32(1.0)}),  # uses norms

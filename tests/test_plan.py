@@ -233,6 +233,18 @@ def test_config_errors_exit_2(argv, match):
     assert re.search(match, err), err
 
 
+@needs_libtpu
+@pytest.mark.tpu
+def test_batch_that_does_not_split_exit_2():
+    """train.py's mesh checks, against the slice's chips: 512 v5p chips and the recipe's eval batch of 256."""
+    status, out, err = run_main("--config", str(ROOT / "configs" / "ms1mv3_r50_x2softmax.py"), "--topology",
+                                "v5p:8x8x8", "--per-chip-batch", "128")
+    assert status == 2 and out == ""
+    assert "eval.batch_size=256 is not divisible by 512 devices" in err
+    status, _, err = run_main("--config", CONFIG, "--topology", TOPOLOGY, *TINY, "--config.data.batch_size=30")
+    assert status == 2 and "data.batch_size=30 is not divisible by the 4 devices of the batch axis" in err
+
+
 def test_missing_config_file_exit_2():
     status, _, err = run_main("--config", str(ROOT / "configs" / "nope.py"), "--topology", TOPOLOGY)
     assert status == 2 and "nope.py" in err and "not found" in err

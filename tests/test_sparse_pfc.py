@@ -53,26 +53,26 @@ def _txs(momentum_dtype=None, nesterov=False):
     return dense, sparse
 
 
-def _steps(mesh, sample_rate):
+def _steps(mesh, sample_rate, rules=ShardingRules()):
     dense_tx, sparse_tx = _txs()
 
     @jax.jit
     def dense(p, s, e, y, key):
         def loss(p):
             return sharded_margin_loss(e, p["weight"], y, margin_fn="x2_softmax", mesh=mesh, num_classes=C,
-                                       sample_rate=sample_rate, rng=key, return_aux=True)
+                                       sample_rate=sample_rate, rng=key, return_aux=True, rules=rules)
         (value, aux), g = jax.value_and_grad(loss, has_aux=True)(p)
         u, s = dense_tx.update(g, s, p, row_mask=aux.row_mask)
         return optax.apply_updates(p, u), s, value, aux
 
     @jax.jit
     def sparse(p, s, e, y, key, apply=True):
-        rows = select_rows(y, key, mesh=mesh, num_rows=ROWS, num_classes=C, sample_rate=sample_rate)
+        rows = select_rows(y, key, mesh=mesh, num_rows=ROWS, num_classes=C, sample_rate=sample_rate, rules=rules)
         values = gather_rows(p["weight"], rows)
 
         def loss(values):
             return sharded_margin_loss(e, values, y, margin_fn="x2_softmax", mesh=mesh, num_classes=C, rng=key,
-                                       rows=rows, return_aux=True)
+                                       rows=rows, return_aux=True, rules=rules)
         (value, aux), g = jax.value_and_grad(loss, has_aux=True)(values)
         new_w, s = sparse_tx.update({"weight": g}, s, p, rows=rows, row_values=values, apply=apply)
         return new_w, s, value, aux
@@ -89,11 +89,14 @@ def _count(state):
 
 
 @pytest.mark.parametrize("num_devices,sample_rate,batch,overflows", [(8, 0.25, 64, True), (1, 0.1, 64, True),
-                                                                   (8, 0.5, 8, False)])
+                                                                   (8, 0.5, 8, False), ("2x4", 0.25, 64, True)])
 def test_row_sparse_steps_equal_the_dense_path(num_devices, sample_rate, batch, overflows):
-    mesh = make_mesh(devices=jax.devices()[:num_devices])
-    dense_tx, sparse_tx, dense, sparse = _steps(mesh, sample_rate)
-    params = {"weight": init_class_centers(jax.random.key(0), C, D, mesh, num_rows=ROWS)}
+    if num_devices == "2x4":  # data=2 x model=4, classes on model only: W replicated over data
+        mesh, rules, num_devices = make_mesh(data=2, model=4), ShardingRules(classes="model"), 8
+    else:
+        mesh, rules = make_mesh(devices=jax.devices()[:num_devices]), ShardingRules()
+    dense_tx, sparse_tx, dense, sparse = _steps(mesh, sample_rate, rules)
+    params = {"weight": init_class_centers(jax.random.key(0), C, D, mesh, num_rows=ROWS, rules=rules)}
     w0 = np.asarray(params["weight"])
     pd, sd, ps, ss = params, dense_tx.init(params), params, sparse_tx.init(params)
     rng = np.random.default_rng(num_devices)

@@ -259,34 +259,43 @@ def _add_summary(report: dict[str, Any], summary: Any) -> dict[str, Any]:
 # The same compile in a child process (a libtpu crash becomes a report, not the end of the tool)
 
 
-def run_isolated(argv: Sequence[str], *, timeout_s: float | None = None) -> dict[str, Any]:
+def run_isolated(argv: Sequence[str]) -> dict[str, Any]:
     """Run a child ``argv`` that prints one report as JSON on stdout; its crash becomes a report.
 
-    Returns the child's report, or ``{"status": "compiler crashed", "compiler_message": ...}``
-    when it died of a signal (or timed out). A child exiting 2 (a bad input) raises PlanError.
+    The child's ``plan: `` progress lines are passed on to stderr as they come. Returns the
+    child's report, or ``{"status": "compiler crashed", "compiler_message": ...}`` when it died
+    of a signal. A child exiting 2 (a bad input) or 4 raises PlanError with its message.
     """
-    try:
-        done = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"status": "compiler crashed", "fits": None,
-                "compiler_message": f"compile timed out after {timeout_s} s"}
-    sys.stderr.write("".join(line + "\n" for line in done.stderr.splitlines() if line.startswith("plan: ")))
-    if done.returncode < 0:
-        sig = -done.returncode
+    import collections  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    with tempfile.TemporaryFile("w+") as out:
+        with subprocess.Popen(list(argv), stdout=out, stderr=subprocess.PIPE, text=True) as child:
+            for line in child.stderr:
+                if line.startswith("plan: "):
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                if line.strip():
+                    tail.append(line.rstrip("\n"))
+        returncode = child.returncode
+        out.seek(0)
+        stdout = out.read()
+    if returncode < 0:
+        sig = -returncode
         try:
             name = signal.Signals(sig).name
         except ValueError:
             name = f"signal {sig}"
         return {"status": "compiler crashed", "fits": None,
                 "compiler_message": f"the compiling process died of {name} (signal {sig})"}
-    if done.returncode == EXIT_USAGE or done.returncode == EXIT_COMPILER:
-        tail = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["(no message)"]
-        raise PlanError(tail[0].removeprefix(f"{PROG}: error: "), done.returncode)
+    if returncode in (EXIT_USAGE, EXIT_COMPILER) and not stdout.strip():
+        message = tail[-1] if tail else "(no message)"
+        raise PlanError(message.removeprefix(f"{PROG}: error: "), returncode)
     try:
-        return json.loads(done.stdout)
+        return json.loads(stdout)
     except json.JSONDecodeError:
-        tail = "\n".join(done.stderr.splitlines()[-5:])
-        raise PlanError(f"the compiling process exited {done.returncode} without a report:\n{tail}",
+        raise PlanError(f"the compiling process exited {returncode} without a report:\n" + "\n".join(list(tail)[-5:]),
                         EXIT_COMPILER) from None
 
 
@@ -534,7 +543,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> tuple[dict[str, Any],
                                num_images=shape.num_images, capacity_bytes=capacity)
 
     if isolate:
-        _say(f"compiling in a child process ({chip.name} train-step compiles are known to crash libtpu)")
+        _say("compiling in a child process (" + ("--isolate always" if args.isolate == "always" else
+                                                f"{chip.name} train-step compiles are known to crash libtpu") + ")")
     report = compile_with((), num_classes)
     report.update(config=args.config, overrides=overrides)
     report.setdefault("chip", chip.name)

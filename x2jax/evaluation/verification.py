@@ -257,9 +257,11 @@ def normalize_images(images_uint8: jax.Array) -> jax.Array:
 def _flip_sum_embed(apply_fn: ApplyFn, variables: Any, images_uint8: jax.Array) -> jax.Array:
     """Embedding of each image plus that of its horizontal flip, (B, H, W, 3) -> (B, E) float32."""
     x = normalize_images(images_uint8)
-    both = apply_fn(variables, jnp.concatenate([x, x[:, :, ::-1, :]], axis=0))
-    b = images_uint8.shape[0]
-    return (both[:b] + both[b:]).astype(jnp.float32)
+    b = x.shape[0]
+    # Each image next to its flip, (B, 2, H, W, 3) -> (2B, ...): a batch split over devices
+    # stays split the same way (no all-to-all, which concatenating the flips after the batch needs).
+    both = apply_fn(variables, jnp.stack([x, x[:, :, ::-1, :]], axis=1).reshape(2 * b, *x.shape[1:]))
+    return jnp.sum(both.reshape(b, 2, *both.shape[1:]), axis=1).astype(jnp.float32)
 
 
 def embed_images(

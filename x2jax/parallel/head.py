@@ -303,8 +303,10 @@ def select_rows(
         if class_axes:
             overflow = jax.lax.psum(overflow, class_axes)
         update = jnp.concatenate([rows_real[rows], positive[extra]])
-        return (jnp.concatenate([rows, extra]).astype(jnp.int32), update, sampled & rows_real,
-                (sampled | positive) & rows_real, overflow)
+        return _replicated((jnp.concatenate([rows, extra]).astype(jnp.int32), update, sampled & rows_real,
+                            (sampled | positive) & rows_real, overflow), replica_axes)
+
+    replica_axes = tuple(a for a in batch_axes if a not in class_axes)
 
     cspec = P(class_axes or None)
     out = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axes or None), P()),
@@ -389,6 +391,24 @@ def update_rows(
                                  out_specs=(wspec, mspec))(weight, m_in, rows.rows, rows.update, values,
                                                            grads, lr, ok)
     return new_w, (new_m if has_momentum else None)
+
+
+def _replicated(tree: Any, axes: tuple[str, ...]) -> Any:
+    """Values computed alike on every device of ``axes`` (from an all-gathered batch), typed replicated.
+
+    With ``rules.classes`` not covering every batch axis, W is replicated over the
+    rest, and shard_map's outputs must say so: floats through ``pmean``, integers
+    and booleans through ``pmax``; the values do not change.
+    """
+    if not axes:
+        return tree
+
+    def one(x):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return jax.lax.pmean(x, axes)
+        return jax.lax.pmax(x.astype(jnp.int32), axes).astype(x.dtype)
+
+    return jax.tree.map(one, tree)
 
 
 def _split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -513,6 +533,8 @@ def sharded_margin_loss(
     # (B, 1) call for the target logit, which saves a copy of the block.
     target_dependent = spec.nontarget_depends_on_target
 
+    replica_axes = tuple(a for a in batch_axes if a not in class_axes)
+
     def body(e_loc, w_loc, y_loc, key, arrays, given):
         # 1. global batch on every shard; W stays local.
         e = jax.lax.all_gather(e_loc, batch_axes, tiled=True) if batch_axes else e_loc
@@ -605,7 +627,10 @@ def sharded_margin_loss(
             nearest = jax.lax.pmax(nearest, class_axes)
         aux = HeadAux(row_mask=row_mask, sampled=sampled, num_overflow=overflow,
                       target_cosine=cos_y, target_prob=target_prob, nearest_cosine=nearest)
-        return loss, aux
+        # Batch axes that W is replicated over: every replica computed the same values
+        # from the gathered batch (pmean's transpose gives each replica 1/n of the
+        # cotangent, the all-gather's transpose sums them back).
+        return _replicated((loss, aux), replica_axes)
 
     cspec = P(class_axes or None)
     bspec = P(batch_axes or None)

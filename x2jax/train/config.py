@@ -416,11 +416,15 @@ RESUME_KEYS = (
 def resume_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
     """``"key: saved -> now"`` for each :data:`RESUME_KEYS` entry where a checkpoint's config differs.
 
-    ``saved`` is the checkpoint's config as JSON (keys it lacks are not compared).
+    ``saved`` is the checkpoint's config as JSON. A key it lacks inside a compared group
+    (``loss``, ``optimizer``, ``schedule``: a key added after the checkpoint was written)
+    takes :func:`base_config`'s default, the behaviour of the code that wrote it; a
+    ``loss.params`` key it lacks, or a whole key, is not compared.
     """
     import json  # noqa: PLC0415
 
     now = json.loads(config.to_json())
+    saved = _with_defaults(saved, json.loads(base_config().to_json()))
     diffs = []
     for key in RESUME_KEYS:
         a, b, present = saved, now, True
@@ -430,6 +434,20 @@ def resume_differences(saved: dict[str, Any], config: ml_collections.ConfigDict)
         if present and a != b:
             diffs.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
     return diffs
+
+
+def _with_defaults(saved: Any, defaults: Any, path: str = "") -> Any:
+    """``saved`` with the keys it lacks filled from ``defaults``, inside dicts that it has."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict) or path == "loss.params":
+        return saved
+    out = dict(saved)
+    for key, value in defaults.items():
+        sub = f"{path}.{key}" if path else key
+        if key in out:
+            out[key] = _with_defaults(out[key], value, sub)
+        elif path and sub != "loss.params":
+            out[key] = value
+    return out
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, *, batch_shards: int, process_count: int) -> None:
