@@ -24,6 +24,8 @@ insightface ``recognition/arcface_torch/``):
 - the loss: X2-Softmax, this project's; arcface_torch's ViT configs use CosFace
   (``margin_list = (1.0, 0.0, 0.4)``): ``--config configs/ms1mv3_vit_t_x2softmax.py:cosface``.
 - verification on lfw, cfp_fp, agedb_30: ``configs/ms1mv3_r50.py``'s ``val_targets``.
+- the head's BatchNorm1d statistics per device (``model.batch_norm = "local"``): ``train_v2.py``
+  wraps the backbone in DDP without SyncBatchNorm.
 
 The warm-up is in steps for this batch: with another ``data.batch_size`` set
 ``schedule.warmup_steps`` too (4 epochs = ``4 * 5179510 // batch``).
@@ -48,6 +50,7 @@ def get_config(loss: str = "x2_softmax", arch: str = "vit_t"):
     c.data.path = ""  # required: directory with train.rec, train.idx, property
     c.data.batch_size = 1024  # 128 per device on 8 devices
     c.model.name, c.model.embedding_size, c.model.dtype = arch, 512, "bfloat16"
+    c.model.batch_norm = "local"  # the head's two BatchNorm1d: per device, as insightface's DDP
     set_loss(c, loss)
     c.optimizer.name, c.optimizer.weight_decay = "adamw", 0.1
     c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
