@@ -83,12 +83,14 @@ def test_warm_up_runs_the_compiled_step_once_on_zeros_before_the_first_call():
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     step = AheadOfTimeStep(jitted, abstract_state, batch_spec(8, 4), warm_up=True)
     step._future.result()  # compile and warm-up done
+    jax.effects_barrier()  # the callback has no data dependency on the outputs: wait for it
     assert len(seen) == 1
     np.testing.assert_array_equal(seen[0][0], np.zeros(3, np.float32))
     assert seen[0][1] == 0
 
     expected_state, _ = _step(*_inputs(8))
     new_state, _ = step(state, batch)
+    jax.effects_barrier()
     assert step.compiled_ahead and len(seen) == 2
     np.testing.assert_array_equal(new_state["w"], expected_state["w"])
     assert int(new_state["n"]) == 8

@@ -37,6 +37,7 @@ def _configs():
     custom.model.layers, custom.model.widths, custom.model.embedding_size = (1, 1, 1, 1), (8, 8, 16, 16), 32
     custom.model.conv_impl, custom.model.dtype, custom.model.dropout = "xla", "bfloat16", 0.2
     r50 = config_lib.load_config(f"{ROOT / 'configs' / 'ms1mv3_r50_x2softmax.py'}:arcface")
+    r50.model.batch_norm = "global"  # the old description had no batch_norm (the recipe's is "local")
     mbf = config_lib.load_config(ROOT / "configs" / "synthetic_tiny_x2softmax.py")
     mbf.model.name = "mobilefacenet"
     return [(tiny, 16), (custom, 32), (r50, 112), (mbf, 112)]
@@ -50,6 +51,14 @@ def test_to_json_is_the_old_description_and_round_trips(index):
     assert list(spec.to_json()) == list(_old_description(config, image_size))  # same key order too
     assert ModelSpec.from_json(spec.to_json()) == spec
     assert ModelSpec.from_json(_old_description(config, image_size)) == spec
+
+
+def test_recipe_batch_norm_is_written_and_read_back():
+    r50 = config_lib.load_config(ROOT / "configs" / "ms1mv3_r50_x2softmax.py")
+    spec = ModelSpec.from_config(r50, 112)
+    assert spec.batch_norm == "local" and spec.to_json()["batch_norm"] == "local"
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    assert "batch_norm" not in ModelSpec.from_config(config_lib.base_config(), 112).to_json()  # the default
 
 
 def test_from_json_refuses_unknown_keys_unless_ignored():
