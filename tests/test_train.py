@@ -121,6 +121,16 @@ def test_sigterm_then_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path,
     assert not np.array_equal(init["params"]["head"]["weight"], b["params"]["head"]["weight"])
 
 
+def test_sigterm_at_the_first_step_of_a_fresh_run_saves_it_once(tmp_path, cache_dir):
+    """Orbax saves a fresh run's first step by itself; the signal's save must not save it again."""
+    out = train(tiny_config(cache_dir, num_steps=10, **{"checkpoint.every_steps": 100}), tmp_path,
+                step_hook=sigterm_after(1))
+    assert out["preempted"] and out["step"] == 1
+    ckpt = Checkpointer(tmp_path / "checkpoints", every_steps=100, keep=3)
+    assert ckpt.manager.all_steps() == [1]
+    ckpt.close()
+
+
 @pytest.mark.slow
 def test_train_py_cli_exits_cleanly_on_sigterm_and_resumes(tmp_path, cache_dir):
     """The real script in a subprocess: SIGTERM -> checkpoint, exit 0; rerun -> resumes."""

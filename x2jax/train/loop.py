@@ -234,9 +234,9 @@ def train_loop(run: Run, *, t_enter: float | None = None, batch_hook: BatchHook 
             if (config.eval.every_steps and step % config.eval.every_steps == 0) or last:
                 verify(step, state)
 
-            ckpt.save(step, state, iterator, run.meta, force=last)
+            saved = ckpt.save(step, state, iterator, run.meta, force=last)
             if watcher.requested or ckpt.reached_preemption(step):
-                if not last:
+                if not saved:  # (Orbax also saves a fresh run's first step: no second save of it)
                     ckpt.save(step, state, iterator, run.meta, force=True)
                 ckpt.wait()
                 summary["preempted"] = True
