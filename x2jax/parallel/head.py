@@ -288,6 +288,7 @@ def select_rows(
     num_local = num_rows // n_shards
     num_sampled = num_sampled_per_shard(num_local, sample_rate)
     num_extra = min(int(labels.shape[0]), num_local - num_sampled)
+    replica_axes = _replica_axes(rules)
 
     def body(y_loc, key):
         y = jax.lax.all_gather(y_loc, batch_axes, tiled=True) if batch_axes else y_loc
@@ -305,8 +306,6 @@ def select_rows(
         update = jnp.concatenate([rows_real[rows], positive[extra]])
         return _replicated((jnp.concatenate([rows, extra]).astype(jnp.int32), update, sampled & rows_real,
                             (sampled | positive) & rows_real, overflow), replica_axes)
-
-    replica_axes = tuple(a for a in batch_axes if a not in class_axes)
 
     cspec = P(class_axes or None)
     out = jax.shard_map(body, mesh=mesh, in_specs=(P(batch_axes or None), P()),
@@ -391,6 +390,11 @@ def update_rows(
                                  out_specs=(wspec, mspec))(weight, m_in, rows.rows, rows.update, values,
                                                            grads, lr, ok)
     return new_w, (new_m if has_momentum else None)
+
+
+def _replica_axes(rules: ShardingRules) -> tuple[str, ...]:
+    """Batch axes that W is replicated over (not among the class axes)."""
+    return tuple(a for a in (rules.batch or ()) if a not in (rules.classes or ()))
 
 
 def _replicated(tree: Any, axes: tuple[str, ...]) -> Any:
@@ -533,7 +537,7 @@ def sharded_margin_loss(
     # (B, 1) call for the target logit, which saves a copy of the block.
     target_dependent = spec.nontarget_depends_on_target
 
-    replica_axes = tuple(a for a in batch_axes if a not in class_axes)
+    replica_axes = _replica_axes(rules)
 
     def body(e_loc, w_loc, y_loc, key, arrays, given):
         # 1. global batch on every shard; W stays local.
