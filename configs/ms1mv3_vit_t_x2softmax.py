@@ -13,8 +13,8 @@ insightface ``recognition/arcface_torch/``):
 - backbone gradient clipped to global norm 5: ``train_v2.py`` (``clip_grad_norm_(backbone.parameters(), 5)``).
 - schedule: linear warm-up from 0, then ``lr * (1 - progress)^2`` to 0: ``lr_scheduler.py``
   ``PolyScheduler`` (power 2), which ``train_v2.py`` uses; warm-up ``num_epoch // 10`` epochs
-  (the ViT configs' ``warmup_epoch``), in steps as ``train_v2.py`` counts them:
-  ``num_image // total_batch * warmup_epoch``.
+  (the ViT configs' ``warmup_epoch``): ``schedule.warmup_epochs``, in steps as ``train_v2.py``
+  counts them (``num_image // total_batch * warmup_epoch``) for whatever batch the run has.
 - 40 epochs: the ViT configs' ``num_epoch`` (their WebFace42M runs; our choice for MS1MV3,
   whose IResNet configs train 20-25 epochs).
 - batch 128 per device on 8 devices, full softmax (``sample_rate`` 1), 5,179,510 images:
@@ -27,21 +27,11 @@ insightface ``recognition/arcface_torch/``):
 - the head's BatchNorm1d statistics per device (``model.batch_norm = "local"``): ``train_v2.py``
   wraps the backbone in DDP without SyncBatchNorm.
 
-The warm-up is in steps for this batch: with another ``data.batch_size`` set
-``schedule.warmup_steps`` too (4 epochs = ``4 * 5179510 // batch``).
-
     python train.py --config configs/ms1mv3_vit_t_x2softmax.py --config.data.path=/data/ms1mv3 \
         --config.eval.data_dir=/data/ms1mv3
 """
 
 from x2jax.train.config import base_config, set_loss
-
-MS1MV3_IMAGES = 5_179_510  # arcface_torch configs/ms1mv3_r50.py num_image
-
-
-def warmup_steps(num_images: int, batch_size: int, warmup_epochs: int) -> int:
-    """``train_v2.py``'s warm-up length: ``num_image // total_batch_size * warmup_epoch``."""
-    return num_images // batch_size * warmup_epochs
 
 
 def get_config(loss: str = "x2_softmax", arch: str = "vit_t"):
@@ -57,7 +47,7 @@ def get_config(loss: str = "x2_softmax", arch: str = "vit_t"):
     c.optimizer.grad_clip_norm = 5.0
     c.num_epochs = 40.0
     c.schedule.name, c.schedule.lr, c.schedule.power, c.schedule.end_lr = "polynomial", 1e-3, 2.0, 0.0
-    c.schedule.warmup_steps = warmup_steps(MS1MV3_IMAGES, c.data.batch_size, int(c.num_epochs) // 10)
+    c.schedule.warmup_epochs = float(int(c.num_epochs) // 10)
     c.log_every_steps = 100
     c.checkpoint.every_steps = 2000
     c.eval.every_steps = 2000

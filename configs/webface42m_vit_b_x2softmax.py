@@ -11,8 +11,8 @@ rest is ``configs/ms1mv3_vit_t_x2softmax.py``'s, which says where its values com
 - ``loss.sample_rate = 0.3``: its ``sample_rate`` (Partial FC).
 - batch 384 per device on 64 devices (24,576): its ``batch_size`` and file name (64 GPUs).
 - AdamW lr 1e-3, weight decay 0.1; 40 epochs; warm-up ``40 // 10 = 4`` epochs: its
-  ``optimizer``, ``lr``, ``weight_decay``, ``num_epoch``, ``warmup_epoch``; the warm-up in steps
-  ``42474557 // 24576 * 4 = 6912`` as ``train_v2.py`` counts it (``num_image`` 42,474,557).
+  ``optimizer``, ``lr``, ``weight_decay``, ``num_epoch``, ``warmup_epoch`` (inherited); in steps
+  ``42474557 // 24576 * 4 = 6912`` at this batch, as ``train_v2.py`` counts it (``num_image`` 42,474,557).
 - bfloat16: its ``fp16 = True``.
 - the loss: X2-Softmax; arcface_torch used CosFace (``margin_list = (1.0, 0.0, 0.4)``): ``:cosface``.
 - verification on lfw, cfp_fp, agedb_30 every 2000 steps (inherited) is ours: its
@@ -23,9 +23,6 @@ or X2JAX_* environment variables, see docs/parallel.md).
 """
 
 from ms1mv3_vit_t_x2softmax import get_config as _recipe
-from ms1mv3_vit_t_x2softmax import warmup_steps
-
-WEBFACE42M_IMAGES = 42_474_557  # wf42m_pfc03_40epoch_64gpu_vit_b.py num_image
 
 
 def get_config(loss: str = "x2_softmax"):
@@ -33,5 +30,4 @@ def get_config(loss: str = "x2_softmax"):
     c.model.remat = "blocks"
     c.loss.sample_rate = 0.3
     c.data.batch_size = 384 * 64
-    c.schedule.warmup_steps = warmup_steps(WEBFACE42M_IMAGES, c.data.batch_size, int(c.num_epochs) // 10)
     return c

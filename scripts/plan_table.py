@@ -64,14 +64,14 @@ def run_row(recipe: str, topology: str, *, timeout_s: float) -> dict[str, Any]:
     """One ``python -m x2jax.plan ... --json`` in a child process: its report, status and wall time."""
     cmd = command(recipe, topology)
     print(f"plan_table: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     try:
         done = subprocess.run([sys.executable] + cmd[1:] + ["--json"], cwd=ROOT, capture_output=True, text=True,
                               timeout=timeout_s, env=dict(os.environ, JAX_PLATFORMS="cpu"))
         rc, stdout, stderr = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired:
         rc, stdout, stderr = None, "", f"timed out after {timeout_s:.0f} s"
-    wall = time.perf_counter() - t0
+    wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
     try:
         report = json.loads(stdout) if stdout.strip() else None
     except json.JSONDecodeError:
@@ -85,7 +85,7 @@ def run_row(recipe: str, topology: str, *, timeout_s: float) -> dict[str, Any]:
         status = "error: " + (lines[-1] if lines else f"exit {rc}")
     print(f"plan_table: {recipe} on {topology}: {status} ({wall:.0f} s)", file=sys.stderr, flush=True)
     return {"recipe": recipe, "topology": topology, "command": " ".join(cmd), "returncode": rc, "wall_s": wall,
-            "status": status, "report": report}
+            "load_average": [round(load0, 2), round(load1, 2)], "status": status, "report": report}
 
 
 def planned(results: dict[tuple[str, str], dict[str, Any]]) -> Iterator[tuple[str, str, str]]:
@@ -132,9 +132,11 @@ def markdown(results: dict[tuple[str, str], dict[str, Any]]) -> str:
             b = r.get("bound")
             bound = f"{b['step_time_s'] * 1e3:.0f}, {b['images_per_s']:.0f}" if b else ""
             chips = r.get("chips", "?")
+            la = row.get("load_average")  # the host's 1-minute load average at the row's start and end
+            load = f" (load {la[0]:.1f}-{la[1]:.1f})" if la else ""
             w_mib = f"{w['total_bytes'] / 2**20:.1f}" if w else ""
             lines.append(f"| {recipe} | {gen}:{shape} ({chips} chip{'' if chips == 1 else 's'}) | {fits} | {hbm} | "
-                         f"{w_mib} | {coll} | {bound} | {row['wall_s']:.0f} s | `{row['command']}` |")
+                         f"{w_mib} | {coll} | {bound} | {row['wall_s']:.0f} s{load} | `{row['command']}` |")
     return "\n".join(lines)
 
 

@@ -283,20 +283,26 @@ def test_tiny_vit_learns_on_synthetic_identities(tmp_path, cache_dir):
 
 
 # ---------------------------------------------------------------- recipes
-@pytest.mark.parametrize("recipe,arch,remat,batch,sample_rate,warmup", [
-    ("ms1mv3_vit_t_x2softmax.py", "vit_t", "none", 1024, 1.0, 5_179_510 // 1024 * 4),
-    ("webface42m_vit_b_x2softmax.py", "vit_b_dp005_mask_005", "blocks", 384 * 64, 0.3, 42_474_557 // 24_576 * 4),
+@pytest.mark.parametrize("recipe,arch,remat,batch,sample_rate,num_images", [
+    ("ms1mv3_vit_t_x2softmax.py", "vit_t", "none", 1024, 1.0, 5_179_510),
+    ("webface42m_vit_b_x2softmax.py", "vit_b_dp005_mask_005", "blocks", 384 * 64, 0.3, 42_474_557),
 ])
-def test_vit_recipes_validate_and_follow_arcface_torch(tmp_path, recipe, arch, remat, batch, sample_rate, warmup):
+def test_vit_recipes_validate_and_follow_arcface_torch(tmp_path, recipe, arch, remat, batch, sample_rate, num_images):
     from x2jax.train import config as config_lib  # noqa: PLC0415
+    from x2jax.train.optimizer import warmup_length  # noqa: PLC0415
 
     c = config_lib.load_config(f"{ROOT / 'configs' / recipe}:cosface",
                                [f"data.path={tmp_path}", "eval.sets="])
     config_lib.validate(c)
     assert (c.model.name, c.model.remat, c.model.dtype, c.data.batch_size) == (arch, remat, "bfloat16", batch)
     assert (c.optimizer.name, c.optimizer.weight_decay, c.schedule.lr, c.schedule.name) == ("adamw", 0.1, 1e-3, "polynomial")
-    assert (c.loss.name, c.loss.sample_rate, c.num_epochs, c.schedule.warmup_steps) == ("cosface", sample_rate, 40.0, warmup)
+    assert (c.loss.name, c.loss.sample_rate, c.num_epochs) == ("cosface", sample_rate, 40.0)
     assert not config_lib.row_sparse_head(c)  # AdamW: the dense-masked Partial FC head
+    # warm-up: arcface_torch's num_image // total_batch_size * warmup_epoch (4 of 40 epochs), at the
+    # recipe's batch and at 128 per chip on 256 chips, with total steps as train.py counts them
+    for global_batch in (batch, 128 * 256):
+        total = int(np.ceil(c.num_epochs * (num_images // global_batch)))
+        assert warmup_length(c.schedule, total, c.num_epochs) == num_images // global_batch * 4
 
 
 def test_recipe_optimizer_matches_torch_adamw_with_poly_warmup():
@@ -308,7 +314,7 @@ def test_recipe_optimizer_matches_torch_adamw_with_poly_warmup():
     from x2jax.train.optimizer import make_optimizer, make_schedule  # noqa: PLC0415
 
     c = config_lib.load_config(ROOT / "configs" / "ms1mv3_vit_t_x2softmax.py")
-    c.schedule.warmup_steps, total = 2, 6
+    c.schedule.warmup_steps, c.schedule.warmup_epochs, total = 2, 0.0, 6
     tx = make_optimizer(c.optimizer, make_schedule(c.schedule, total))
     rng = np.random.default_rng(0)
     params = {"backbone": {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)},

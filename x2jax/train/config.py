@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
             name="polynomial",
             lr=0.1,
             warmup_steps=0,
+            warmup_epochs=0.0,  # or the warm-up in epochs (with num_epochs): follows the batch size
             boundaries=(0.5, 0.75, 0.9),  # step: fractions of the run (or absolute steps if > 1)
             decay_factor=0.1,
             power=2.0,
@@ -350,6 +351,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.num_steps > 0 and not 0 <= config.schedule.warmup_steps < config.num_steps:
         raise ConfigError(f"schedule.warmup_steps={config.schedule.warmup_steps} must be in "
                          f"[0, num_steps={config.num_steps})")
+    warmup_epochs = config.schedule.warmup_epochs
+    if warmup_epochs and (config.schedule.warmup_steps or not 0 < warmup_epochs < config.num_epochs):
+        raise ConfigError(f"schedule.warmup_epochs={warmup_epochs} needs schedule.warmup_steps=0 and num_epochs > "
+                          f"warmup_epochs (got warmup_steps={config.schedule.warmup_steps}, "
+                          f"num_epochs={config.num_epochs})")
     if config.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
     from x2jax.parallel.sharding import ShardingRules  # noqa: PLC0415

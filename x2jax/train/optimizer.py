@@ -29,14 +29,31 @@ SCHEDULES = ("constant", "step", "polynomial", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+def warmup_length(cfg: Any, total_steps: int, num_epochs: float = 0.0) -> int:
+    """The warm-up in steps: ``cfg.warmup_steps``, or ``cfg.warmup_epochs`` of a run of ``num_epochs``.
+
+    In epochs it follows the batch: ``round(total_steps * warmup_epochs / num_epochs)``, which is
+    arcface_torch's ``num_image // total_batch_size * warmup_epoch`` when ``total_steps`` is
+    ``num_epochs`` whole epochs.
+    """
+    epochs = float(cfg.get("warmup_epochs", 0.0))
+    if epochs <= 0:
+        return int(cfg.warmup_steps)
+    if num_epochs <= 0:
+        raise ValueError(f"schedule.warmup_epochs={epochs} needs a run length in epochs (num_epochs); "
+                         "with num_steps set schedule.warmup_steps")
+    return int(round(total_steps * epochs / num_epochs))
+
+
+def make_schedule(cfg: Any, total_steps: int, *, num_epochs: float = 0.0) -> optax.Schedule:
     """Warmup (linear from 0) then ``cfg.name`` decay over ``total_steps``.
 
-    cfg fields: name, lr, warmup_steps, and per schedule: ``step``:
-    ``boundaries`` (fractions of total steps, or absolute steps if > 1) and
-    ``decay_factor``; ``polynomial``: ``power`` and ``end_lr``; ``cosine``: ``end_lr``.
+    cfg fields: name, lr, warmup_steps or warmup_epochs (:func:`warmup_length`; ``num_epochs``
+    is the run's length in epochs), and per schedule: ``step``: ``boundaries`` (fractions of
+    total steps, or absolute steps if > 1) and ``decay_factor``; ``polynomial``: ``power`` and
+    ``end_lr``; ``cosine``: ``end_lr``.
     """
-    lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
+    lr, warmup = float(cfg.lr), warmup_length(cfg, total_steps, num_epochs)
     if cfg.name not in SCHEDULES:
         raise ValueError(f"schedule.name must be one of {SCHEDULES}, got {cfg.name!r}")
     if not 0 <= warmup < max(total_steps, 1):

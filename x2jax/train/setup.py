@@ -100,7 +100,7 @@ def build_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: ShardingRul
         model = spec.build(platform=platform, num_devices=mesh.size, batch_shards=mesh_axis_size(mesh, rules.batch))
     except ValueError as e:  # e.g. an image size the architecture cannot take
         raise config_lib.ConfigError(f"model {spec.arch!r}: {e}") from None
-    schedule = make_schedule(config.schedule, total_steps)
+    schedule = make_schedule(config.schedule, total_steps, num_epochs=float(config.num_epochs))
     sparse = config_lib.row_sparse_head(config)  # Partial FC with SGD: only sampled rows of W are touched
     tx = make_optimizer(config.optimizer, schedule, row_sparse_head=sparse)
     float16 = config.model.dtype == "float16"
