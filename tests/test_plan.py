@@ -366,3 +366,6 @@ def test_plan_table_search():
     assert md[3].startswith(f"| {recipe} | v5e:2x2 (4 chips) | yes | 1.00 (16.00) | 256.0 | 3, 1.0 | 50, 2560 |")
     assert "`python -m x2jax.plan --config configs/ms1mv3_r50_x2softmax.py --topology v5e:2x2 --per-chip-batch 128`" \
         in md[3]
+    assert "| 10 s |" in md[3]  # a row from before the host load was recorded
+    results[(recipe, "v5e:2x2")]["load_average"] = [1.04, 2.5]
+    assert "| 10 s (load 1.0-2.5) |" in table.markdown(results).splitlines()[3]
