@@ -380,7 +380,7 @@ def test_num_epochs_and_warmup_epochs_set_the_run_length(tmp_path, cache_dir):
     ({"schedule.warmup_epochs": 20.0, "num_steps": 0, "num_epochs": 20.0}, "num_epochs > warmup_epochs"),
     ({"schedule.warmup_epochs": -1.0, "num_steps": 0, "num_epochs": 20.0}, "warmup_epochs=-1.0"),
 ])
-def test_warmup_epochs_config_errors(tmp_path, cache_dir, overrides, match):
+def test_warmup_epochs_config_errors(cache_dir, overrides, match):
     cfg = tiny_config(cache_dir, num_steps=8)
     for key, value in overrides.items():
         group, _, name = key.rpartition(".")

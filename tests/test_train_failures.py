@@ -3,6 +3,7 @@ a signal while waiting for data, replayed metrics, bad config values."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,8 +111,6 @@ def _truncate_a_state_file(step_dir: Path) -> None:
 
 
 def _remove_state(step_dir: Path) -> None:
-    import shutil  # noqa: PLC0415
-
     shutil.rmtree(step_dir / "state")
 
 
@@ -166,25 +165,6 @@ def test_eval_loader_falls_back_past_a_corrupt_step_without_moving_it(tmp_path, 
 # ---------------------------------------------------------------------------
 # a resume of another run; replayed metrics
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("change, key", [
-    (lambda c: config_lib.set_loss(c, "arcface"), "loss"),
-    (lambda c: config_lib.apply_overrides(c, ["loss.params.k=0.5"]), "loss"),
-    (lambda c: config_lib.apply_overrides(c, ["data.batch_size=16"]), "data.batch_size"),
-    (lambda c: config_lib.apply_overrides(c, ["seed=1"]), "seed"),
-    (lambda c: config_lib.apply_overrides(c, ["schedule.lr=0.05"]), "schedule"),
-], ids=["loss", "loss_param", "batch", "seed", "schedule"])
-def test_resume_with_other_settings_is_an_error_unless_allowed(tmp_path, cache_dir, three_step_run, change, key):
-    import shutil  # noqa: PLC0415
-
-    workdir = tmp_path / "run"
-    shutil.copytree(three_step_run, workdir)
-    with pytest.raises(CheckpointMismatchError, match=rf"other settings: {key}: .* -> .*resume_mismatch=allow"):
-        train(change(tiny_config(cache_dir, num_steps=4)), workdir)
-    if key in ("loss", "data.batch_size"):  # allowed: the run goes on with the new settings (two cases suffice)
-        out = train(change(tiny_config(cache_dir, num_steps=4, resume_mismatch="allow")), workdir)
-        assert (out["start_step"], out["step"]) == (3, 4)
-
-
 @pytest.fixture(scope="module")
 def three_step_run(tmp_path_factory, cache_dir):
     """A finished 3-step run of the tiny config (copied by each test that resumes it)."""
@@ -193,9 +173,24 @@ def three_step_run(tmp_path_factory, cache_dir):
     return workdir
 
 
-def test_replayed_steps_are_logged_once(tmp_path, cache_dir):
-    import shutil  # noqa: PLC0415
+@pytest.mark.parametrize("change, key", [
+    (lambda c: config_lib.set_loss(c, "arcface"), "loss"),
+    (lambda c: config_lib.apply_overrides(c, ["loss.params.k=0.5"]), "loss"),
+    (lambda c: config_lib.apply_overrides(c, ["data.batch_size=16"]), "data.batch_size"),
+    (lambda c: config_lib.apply_overrides(c, ["seed=1"]), "seed"),
+    (lambda c: config_lib.apply_overrides(c, ["schedule.lr=0.05"]), "schedule"),
+], ids=["loss", "loss_param", "batch", "seed", "schedule"])
+def test_resume_with_other_settings_is_an_error_unless_allowed(tmp_path, cache_dir, three_step_run, change, key):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_step_run, workdir)
+    with pytest.raises(CheckpointMismatchError, match=rf"other settings: {key}: .* -> .*resume_mismatch=allow"):
+        train(change(tiny_config(cache_dir, num_steps=4)), workdir)
+    if key in ("loss", "data.batch_size"):  # allowed: the run goes on with the new settings (loss, loss_param, batch)
+        out = train(change(tiny_config(cache_dir, num_steps=4, resume_mismatch="allow")), workdir)
+        assert (out["start_step"], out["step"]) == (3, 4)
 
+
+def test_replayed_steps_are_logged_once(tmp_path, cache_dir):
     train(tiny_config(cache_dir, num_steps=4, **{"checkpoint.every_steps": 2}), tmp_path)
     shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed (-9) before the save of step 4 finished
     with open(tmp_path / "metrics.jsonl", "a") as f:
